@@ -1,1 +1,5 @@
+mod dataplane;
+mod model;
+mod policy;
+
 fn main() {}
