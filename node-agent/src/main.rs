@@ -1,5 +1,1 @@
-mod dataplane;
-mod model;
-mod policy;
-
 fn main() {}
