@@ -3,5 +3,7 @@
 //! and programs the kernel through one of the data planes ([`dataplane`]).
 
 pub mod dataplane;
+pub mod exec;
 pub mod model;
 pub mod policy;
+pub mod tracker;
