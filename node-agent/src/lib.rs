@@ -6,4 +6,3 @@ pub mod dataplane;
 pub mod exec;
 pub mod model;
 pub mod policy;
-pub mod tracker;
