@@ -6,3 +6,4 @@ pub mod dataplane;
 pub mod exec;
 pub mod model;
 pub mod policy;
+pub mod tracker;
