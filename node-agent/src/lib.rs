@@ -5,5 +5,6 @@
 pub mod dataplane;
 pub mod exec;
 pub mod model;
+pub mod nftables;
 pub mod policy;
 pub mod tracker;

@@ -1,0 +1,687 @@
+//! The pure renderer: service plans + node settings → an `nft -f` script.
+//!
+//! Layout of each family's table (`table ip fleetproxy`, `table ip6 fleetproxy`), after kube-proxy's
+//! nftables proxier:
+//!
+//! - base chains `nat-prerouting`/`nat-output` (priority dstnat) → `services`, `nat-postrouting`
+//!   (srcnat) → `masquerading`; `filter-prerouting`/`-input`/`-forward`/`-output` (priority -110,
+//!   before DNAT on output) for the checks that must drop or reject, which nat chains cannot;
+//! - `services` classifies new connections with two verdict maps: `service-ips`
+//!   (`address . protocol . port` of cluster, external and load-balancer IPs) and `service-nodeports`
+//!   (`protocol . port`, on local addresses only);
+//! - per service port: a `service-…` chain (cluster traffic), an `external-…` chain (node port,
+//!   external and load-balancer traffic, with externalTrafficPolicy applied), `endpoint-…` chains
+//!   that DNAT, picked by `numgen random mod N vmap`, an `affinity-…` set per endpoint for
+//!   sessionAffinity ClientIP, and a `firewall-…` chain for loadBalancerSourceRanges;
+//! - `no-endpoint-services`/`no-endpoint-nodeports` map destinations without endpoints to
+//!   `reject-chain` (TCP reset, ICMP port unreachable) or `drop` (Local policy, endpoints elsewhere);
+//! - the `excluded-cidrs` set is checked first: those destinations are never intercepted.
+//!
+//! A full sync rewrites the whole table in one transaction without ever deleting it (so traffic
+//! never meets an empty table and affinity sets keep their clients): `flush table`, redeclare
+//! everything, then delete objects that are no longer wanted. A partial sync compares the changed
+//! service ports' objects with what the last sync rendered and sends only the difference.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::{self, Display},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+
+use super::names;
+use crate::{
+    model::{IpFamily, ServicePortName},
+    policy::{NodeSettings, ServicePlan, Target},
+};
+
+/// The name of our table in both families.
+pub const TABLE: &str = "fleetproxy";
+
+const SERVICES: &str = "services";
+const MASQUERADING: &str = "masquerading";
+const MARK_FOR_MASQUERADE: &str = "mark-for-masquerade";
+const REJECT: &str = "reject-chain";
+const FIREWALL_CHECK: &str = "firewall-check";
+const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
+const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
+const EXCLUDED: &str = "excluded-cidrs";
+
+/// Priority of the filter base chains: before the nat chains (dstnat, -100), so that the output
+/// hook still sees the service address, and before iptables' filter table.
+const FILTER_PRIORITY: i32 = -110;
+
+/// The verdict maps every family's table has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VerdictMap {
+    /// `address . protocol . port` → the service or external chain.
+    ServiceIps,
+    /// `protocol . port` → the external chain.
+    ServiceNodeports,
+    /// `address . protocol . port` → reject or drop, for destinations without endpoints.
+    NoEndpointServices,
+    /// `protocol . port` → reject or drop, for node ports without endpoints.
+    NoEndpointNodeports,
+    /// load-balancer `address . protocol . port` → the firewall chain.
+    FirewallIps,
+}
+
+impl VerdictMap {
+    pub const ALL: [Self; 5] = [
+        Self::ServiceIps,
+        Self::ServiceNodeports,
+        Self::NoEndpointServices,
+        Self::NoEndpointNodeports,
+        Self::FirewallIps,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ServiceIps => "service-ips",
+            Self::ServiceNodeports => "service-nodeports",
+            Self::NoEndpointServices => "no-endpoint-services",
+            Self::NoEndpointNodeports => "no-endpoint-nodeports",
+            Self::FirewallIps => "firewall-ips",
+        }
+    }
+
+    fn key_type(self, family: Family) -> String {
+        match self {
+            Self::ServiceNodeports | Self::NoEndpointNodeports => "inet_proto . inet_service".to_owned(),
+            _ => format!("{} . inet_proto . inet_service", family.addr_type()),
+        }
+    }
+}
+
+/// Family-specific syntax. In nft the table family and the payload keyword are the same word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Family(IpFamily);
+
+impl Family {
+    const BOTH: [Family; 2] = [Family(IpFamily::V4), Family(IpFamily::V6)];
+
+    /// `ip` or `ip6`: the table family and the address match keyword (`ip saddr`).
+    fn kw(self) -> &'static str {
+        match self.0 {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+
+    fn addr_type(self) -> &'static str {
+        match self.0 {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self.0 {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1",
+        }
+    }
+
+    /// `10.0.0.1:80` or `[fd00::1]:80`, for `dnat to`.
+    fn socket(self, ip: IpAddr, port: u16) -> String {
+        match ip {
+            IpAddr::V4(ip) => format!("{ip}:{port}"),
+            IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+        }
+    }
+
+    /// The networks of `nets` in this family, host bits cleared.
+    fn nets(self, nets: &[IpNet]) -> Vec<IpNet> {
+        nets.iter().filter(|n| IpFamily::of_net(n) == self.0).map(IpNet::trunc).collect()
+    }
+}
+
+/// `{ a, b }`: an anonymous set literal.
+fn set_literal<T: Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+/// The firewall mark that asks the masquerading chain to SNAT a packet.
+fn masquerade_mark(settings: &NodeSettings) -> u32 {
+    1u32 << (settings.masquerade_bit & 31)
+}
+
+/// What one service port in one family contributes to that family's table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRules {
+    /// Chains by name, each with its rules in order.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Affinity sets by name, with their declaration (`{ type ...; flags ...; timeout ...; }`).
+    pub sets: BTreeMap<String, String>,
+    /// Verdict-map elements: (map, key) → verdict.
+    pub elements: BTreeMap<(VerdictMap, String), String>,
+}
+
+/// The names of our objects in one family's table: what a full sync must delete if it no longer
+/// wants them. Read from the kernel, or known from the last sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableObjects {
+    pub chains: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+    pub maps: BTreeSet<String>,
+}
+
+/// Our objects in both families' tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelObjects {
+    pub v4: TableObjects,
+    pub v6: TableObjects,
+}
+
+impl KernelObjects {
+    fn get(&self, family: IpFamily) -> &TableObjects {
+        match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
+}
+
+/// What a sync rendered: once applied, what the kernel holds, and the base of the next partial sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RenderedState {
+    pub settings: NodeSettings,
+    pub services: BTreeMap<(IpFamily, ServicePortName), ServiceRules>,
+}
+
+impl RenderedState {
+    /// The names of every object this state has in `family`'s table.
+    pub fn objects(&self) -> KernelObjects {
+        let mut objects = KernelObjects::default();
+        for family in Family::BOTH {
+            let table = match family.0 {
+                IpFamily::V4 => &mut objects.v4,
+                IpFamily::V6 => &mut objects.v6,
+            };
+            table.chains.extend(static_chains(family, &self.settings).into_iter().map(|c| c.name.to_owned()));
+            table.sets.insert(EXCLUDED.to_owned());
+            table.maps.extend(VerdictMap::ALL.iter().map(|m| m.name().to_owned()));
+            for ((f, _), rules) in &self.services {
+                if *f == family.0 {
+                    table.chains.extend(rules.chains.keys().cloned());
+                    table.sets.extend(rules.sets.keys().cloned());
+                }
+            }
+        }
+        objects
+    }
+}
+
+/// An `nft -f` script and the state it leads to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendering {
+    pub script: String,
+    /// Lines in the script (the payload size reported in sync stats).
+    pub lines: usize,
+    pub state: RenderedState,
+    pub full: bool,
+}
+
+impl Rendering {
+    /// Whether there is nothing to send to the kernel.
+    pub fn is_empty(&self) -> bool {
+        self.script.is_empty()
+    }
+}
+
+/// A script being written, one command per line (multi-line element lists count their lines).
+#[derive(Default)]
+struct Script {
+    text: String,
+    lines: usize,
+}
+
+impl Script {
+    fn line(&mut self, line: impl Display) {
+        use fmt::Write as _;
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.text, "{line}");
+        self.lines += 1;
+    }
+
+    /// `add element` or `delete element` with one element per line, or nothing for no elements.
+    fn elements(&mut self, verb: &str, family: Family, map: VerdictMap, elements: &[String]) {
+        if elements.is_empty() {
+            return;
+        }
+        self.line(format_args!("{verb} element {} {TABLE} {} {{", family.kw(), map.name()));
+        for element in elements {
+            self.line(format_args!("\t{element},"));
+        }
+        self.line("}");
+    }
+}
+
+/// One of the chains every table has.
+struct StaticChain {
+    name: &'static str,
+    /// `type ... hook ... priority ...;` for base chains.
+    hook: Option<String>,
+    rules: Vec<String>,
+}
+
+/// The chains every table has, with their rules, for these settings.
+fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
+    let ip = family.kw();
+    let mark = masquerade_mark(settings);
+    let base = |name, kind: &str, hook: &str, priority: String, rules: Vec<String>| StaticChain {
+        name,
+        hook: Some(format!("type {kind} hook {hook} priority {priority}; policy accept;")),
+        rules,
+    };
+    let chain = |name, rules: Vec<String>| StaticChain { name, hook: None, rules };
+    let new = |target: &str| format!("ct state new jump {target}");
+    let not_excluded = format!("{ip} daddr @{EXCLUDED} return");
+
+    // Node ports are served on local addresses: all but loopback, or those in nodePortAddresses.
+    let node_port_match = if settings.node_port_addresses.is_empty() {
+        Some(format!("fib daddr type local {ip} daddr != {}", family.loopback()))
+    } else {
+        let nets = family.nets(&settings.node_port_addresses);
+        (!nets.is_empty()).then(|| format!("{ip} daddr {} fib daddr type local", set_literal(&nets)))
+    };
+    let lookup = |map: VerdictMap| format!("{ip} daddr . meta l4proto . th dport vmap @{}", map.name());
+    let port_lookup = |map: VerdictMap| {
+        node_port_match.as_ref().map(|m| format!("{m} meta l4proto . th dport vmap @{}", map.name()))
+    };
+
+    let filter = FILTER_PRIORITY.to_string();
+    vec![
+        base("filter-prerouting", "filter", "prerouting", filter.clone(), vec![new(FIREWALL_CHECK)]),
+        base(
+            "filter-input",
+            "filter",
+            "input",
+            filter.clone(),
+            vec![new(NODEPORT_ENDPOINTS_CHECK), new(SERVICE_ENDPOINTS_CHECK)],
+        ),
+        base("filter-forward", "filter", "forward", filter.clone(), vec![new(SERVICE_ENDPOINTS_CHECK)]),
+        base("filter-output", "filter", "output", filter, vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)]),
+        base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
+        base("nat-output", "nat", "output", "dstnat".into(), vec![format!("jump {SERVICES}")]),
+        base("nat-postrouting", "nat", "postrouting", "srcnat".into(), vec![format!("jump {MASQUERADING}")]),
+        chain(
+            SERVICES,
+            [Some(not_excluded.clone()), Some(lookup(VerdictMap::ServiceIps)), port_lookup(VerdictMap::ServiceNodeports)]
+                .into_iter()
+                .flatten()
+                .collect(),
+        ),
+        chain(
+            MASQUERADING,
+            vec![
+                format!("meta mark & {mark:#x} == 0 return"),
+                format!("meta mark set meta mark ^ {mark:#x}"),
+                "masquerade fully-random".into(),
+            ],
+        ),
+        chain(MARK_FOR_MASQUERADE, vec![format!("meta mark set meta mark | {mark:#x}")]),
+        chain(REJECT, vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()]),
+        chain(FIREWALL_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::FirewallIps)]),
+        chain(SERVICE_ENDPOINTS_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::NoEndpointServices)]),
+        chain(
+            NODEPORT_ENDPOINTS_CHECK,
+            [Some(not_excluded), port_lookup(VerdictMap::NoEndpointNodeports)].into_iter().flatten().collect(),
+        ),
+    ]
+}
+
+/// The rules that pick one of `targets`: a client pinned by affinity goes back to its endpoint,
+/// others are spread at random.
+fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String> {
+    let mut targets = targets.to_vec();
+    targets.sort();
+    let mut rules = Vec::new();
+    if let Some(timeout) = plan.session_affinity {
+        for t in &targets {
+            rules.push(format!(
+                "{} saddr @{} goto {}",
+                family.kw(),
+                names::affinity_set(plan, t.ip, t.port, timeout),
+                names::endpoint_chain(plan, t.ip, t.port)
+            ));
+        }
+    }
+    match targets.as_slice() {
+        [] => {}
+        [only] => rules.push(format!("goto {}", names::endpoint_chain(plan, only.ip, only.port))),
+        many => {
+            let arms: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, t)| format!("{i} : goto {}", names::endpoint_chain(plan, t.ip, t.port)))
+                .collect();
+            rules.push(format!("numgen random mod {} vmap {}", many.len(), set_literal(&arms)));
+        }
+    }
+    rules
+}
+
+/// Everything one service port contributes to its family's table.
+pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRules {
+    let family = Family(plan.family);
+    let ip = family.kw();
+    let proto = plan.protocol.as_str();
+    let cluster_cidrs = family.nets(&settings.cluster_cidrs);
+    let mut out = ServiceRules::default();
+
+    // One chain per endpoint (shared by cluster and external traffic), with its affinity set.
+    for t in plan.all_targets() {
+        let mut rules = vec![format!("{ip} saddr {} jump {MARK_FOR_MASQUERADE}", t.ip)];
+        if let Some(timeout) = plan.session_affinity {
+            let set = names::affinity_set(plan, t.ip, t.port, timeout);
+            out.sets.insert(
+                set.clone(),
+                format!(
+                    "{{ type {}; flags dynamic,timeout; timeout {}s; }}",
+                    family.addr_type(),
+                    timeout.as_secs().max(1)
+                ),
+            );
+            rules.push(format!("update @{set} {{ {ip} saddr }}"));
+        }
+        rules.push(format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port)));
+        out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), rules);
+    }
+
+    // Cluster traffic: masquerade what does not come from a pod, then pick an endpoint.
+    let service_chain = (!plan.cluster_targets.is_empty()).then(|| names::service_chain(plan));
+    if let Some(chain) = &service_chain {
+        let mut rules = Vec::new();
+        if settings.masquerade_all {
+            rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+        } else if !cluster_cidrs.is_empty() {
+            rules.push(format!("{ip} saddr != {} jump {MARK_FOR_MASQUERADE}", set_literal(&cluster_cidrs)));
+        }
+        rules.extend(balance(plan, family, &plan.cluster_targets));
+        out.chains.insert(chain.clone(), rules);
+    }
+
+    // External traffic. Cluster policy: masquerade everything. Local policy: keep the client's
+    // address and use local endpoints only; traffic from pods and from the node itself is cluster
+    // traffic really, and goes to the service chain.
+    let external_chain =
+        (plan.has_external() && !plan.external_targets.is_empty()).then(|| names::external_chain(plan));
+    if let Some(chain) = &external_chain {
+        let mut rules = Vec::new();
+        if plan.external_policy_local {
+            if let Some(service) = &service_chain {
+                if !cluster_cidrs.is_empty() {
+                    rules.push(format!("{ip} saddr {} goto {service}", set_literal(&cluster_cidrs)));
+                }
+                rules.push(format!("fib saddr type local jump {MARK_FOR_MASQUERADE}"));
+                rules.push(format!("fib saddr type local goto {service}"));
+            }
+            rules.extend(balance(plan, family, &plan.external_targets));
+        } else {
+            rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+            let mut external = plan.external_targets.clone();
+            let mut cluster = plan.cluster_targets.clone();
+            external.sort();
+            cluster.sort();
+            match &service_chain {
+                Some(service) if external == cluster => rules.push(format!("goto {service}")),
+                _ => rules.extend(balance(plan, family, &plan.external_targets)),
+            }
+        }
+        out.chains.insert(chain.clone(), rules);
+    }
+
+    // Verdicts: where each destination goes, or how it is refused.
+    let key = |addr: &IpAddr| format!("{addr} . {proto} . {}", plan.port);
+    let reject = format!("goto {REJECT}");
+    let refuse_external = if plan.external_policy_local && !plan.cluster_targets.is_empty() {
+        // Endpoints exist, just not here: drop like kube-proxy, so the load balancer's health
+        // check (not a reset) steers clients to other nodes.
+        "drop".to_owned()
+    } else {
+        reject.clone()
+    };
+    for addr in &plan.cluster_ips {
+        match &service_chain {
+            Some(chain) => out.elements.insert((VerdictMap::ServiceIps, key(addr)), format!("goto {chain}")),
+            None => out.elements.insert((VerdictMap::NoEndpointServices, key(addr)), reject.clone()),
+        };
+    }
+    for addr in plan.external_ips.iter().chain(&plan.load_balancer_ips) {
+        match &external_chain {
+            Some(chain) => out.elements.insert((VerdictMap::ServiceIps, key(addr)), format!("goto {chain}")),
+            None => out.elements.insert((VerdictMap::NoEndpointServices, key(addr)), refuse_external.clone()),
+        };
+    }
+    if let Some(node_port) = plan.node_port {
+        let key = format!("{proto} . {node_port}");
+        match &external_chain {
+            Some(chain) => out.elements.insert((VerdictMap::ServiceNodeports, key), format!("goto {chain}")),
+            None => out.elements.insert((VerdictMap::NoEndpointNodeports, key), refuse_external.clone()),
+        };
+    }
+
+    // loadBalancerSourceRanges: other sources are dropped before DNAT.
+    let ranges = family.nets(&plan.load_balancer_source_ranges);
+    if !ranges.is_empty() && !plan.load_balancer_ips.is_empty() {
+        let chain = names::firewall_chain(plan);
+        out.chains.insert(chain.clone(), vec![format!("{ip} saddr != {} drop", set_literal(&ranges))]);
+        for addr in &plan.load_balancer_ips {
+            out.elements.insert((VerdictMap::FirewallIps, key(addr)), format!("goto {chain}"));
+        }
+    }
+    out
+}
+
+/// Renders every plan, keyed by family and service port. Plans of a family other than their
+/// addresses' are rendered as given: the policy layer guarantees consistency.
+fn render_services(
+    plans: &[ServicePlan],
+    settings: &NodeSettings,
+    only: Option<&BTreeSet<ServicePortName>>,
+) -> BTreeMap<(IpFamily, ServicePortName), ServiceRules> {
+    plans
+        .iter()
+        .filter(|p| only.is_none_or(|names| names.contains(&p.name)))
+        .map(|p| ((p.family, p.name.clone()), render_service(p, settings)))
+        .collect()
+}
+
+/// Rewrites both tables in one transaction. `existing` names what the kernel holds now, so that
+/// objects no longer wanted are deleted; everything else is redeclared, flushed and refilled.
+/// Affinity sets that are still wanted keep their clients.
+///
+/// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order.
+pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
+    let services = render_services(plans, settings, None);
+    let mut script = Script::default();
+    for family in Family::BOTH {
+        let ip = family.kw();
+        let of_family: Vec<&ServiceRules> =
+            services.iter().filter(|((f, _), _)| *f == family.0).map(|(_, r)| r).collect();
+
+        script.line(format_args!("add table {ip} {TABLE} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
+        script.line(format_args!("flush table {ip} {TABLE}"));
+
+        script.line(format_args!("add set {ip} {TABLE} {EXCLUDED} {{ type {}; flags interval; }}", family.addr_type()));
+        script.line(format_args!("flush set {ip} {TABLE} {EXCLUDED}"));
+        let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
+        if !excluded.is_empty() {
+            script.line(format_args!("add element {ip} {TABLE} {EXCLUDED} {}", set_literal(&excluded)));
+        }
+        for map in VerdictMap::ALL {
+            script.line(format_args!(
+                "add map {ip} {TABLE} {} {{ type {} : verdict; }}",
+                map.name(),
+                map.key_type(family)
+            ));
+            script.line(format_args!("flush map {ip} {TABLE} {}", map.name()));
+        }
+        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED]);
+        for rules in &of_family {
+            for (name, declaration) in &rules.sets {
+                script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
+                wanted_sets.insert(name);
+            }
+        }
+
+        // Declare every chain before any rule jumps to one.
+        let statics = static_chains(family, settings);
+        let mut wanted_chains: BTreeSet<&str> = BTreeSet::new();
+        for chain in &statics {
+            match &chain.hook {
+                Some(hook) => script.line(format_args!("add chain {ip} {TABLE} {} {{ {hook} }}", chain.name)),
+                None => script.line(format_args!("add chain {ip} {TABLE} {}", chain.name)),
+            }
+            wanted_chains.insert(chain.name);
+        }
+        for rules in &of_family {
+            for name in rules.chains.keys() {
+                script.line(format_args!("add chain {ip} {TABLE} {name}"));
+                wanted_chains.insert(name);
+            }
+        }
+        for chain in &statics {
+            for rule in &chain.rules {
+                script.line(format_args!("add rule {ip} {TABLE} {} {rule}", chain.name));
+            }
+        }
+        for rules in &of_family {
+            for (name, chain) in &rules.chains {
+                for rule in chain {
+                    script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
+                }
+            }
+        }
+
+        // Elements, first claim wins.
+        let mut maps: BTreeMap<VerdictMap, BTreeMap<&str, &str>> = BTreeMap::new();
+        for rules in &of_family {
+            for ((map, key), verdict) in &rules.elements {
+                maps.entry(*map).or_default().entry(key.as_str()).or_insert(verdict.as_str());
+            }
+        }
+        for (map, elements) in maps {
+            let elements: Vec<String> = elements.into_iter().map(|(k, v)| format!("{k} : {v}")).collect();
+            script.elements("add", family, map, &elements);
+        }
+
+        // What the kernel holds and we no longer want. `flush table` emptied every chain and the
+        // maps were flushed, so nothing refers to these any more.
+        let existing = existing.get(family.0);
+        for chain in existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())) {
+            script.line(format_args!("delete chain {ip} {TABLE} {chain}"));
+        }
+        for set in existing.sets.iter().filter(|s| !wanted_sets.contains(s.as_str())) {
+            script.line(format_args!("delete set {ip} {TABLE} {set}"));
+        }
+        let wanted_maps: BTreeSet<&str> = VerdictMap::ALL.iter().map(|m| m.name()).collect();
+        for map in existing.maps.iter().filter(|m| !wanted_maps.contains(m.as_str())) {
+            script.line(format_args!("delete map {ip} {TABLE} {map}"));
+        }
+    }
+    Rendering {
+        script: script.text,
+        lines: script.lines,
+        state: RenderedState { settings: settings.clone(), services },
+        full: true,
+    }
+}
+
+/// Sends only what changed for the `changed` service ports since `previous` was applied: their
+/// new or rewritten chains, new sets, added and removed map elements, deleted chains and sets.
+/// Everything else is left as it is. The settings must be those of `previous` (a settings change
+/// needs a full sync).
+pub fn render_partial(
+    previous: &RenderedState,
+    plans: &[ServicePlan],
+    changed: &BTreeSet<ServicePortName>,
+) -> Rendering {
+    let fresh = render_services(plans, &previous.settings, Some(changed));
+    let mut state = previous.clone();
+    let mut script = Script::default();
+    let empty = ServiceRules::default();
+
+    for family in Family::BOTH {
+        let ip = family.kw();
+        let keys: BTreeSet<(IpFamily, ServicePortName)> = changed.iter().map(|n| (family.0, n.clone())).collect();
+
+        let mut add_sets = Vec::new();
+        let mut new_chains = Vec::new();
+        let mut rewrite_chains = Vec::new();
+        let mut delete_elements: BTreeMap<VerdictMap, Vec<String>> = BTreeMap::new();
+        let mut add_elements: BTreeMap<VerdictMap, Vec<String>> = BTreeMap::new();
+        let mut delete_chains = Vec::new();
+        let mut delete_sets = Vec::new();
+
+        for key in &keys {
+            let old = previous.services.get(key).unwrap_or(&empty);
+            let new = fresh.get(key).unwrap_or(&empty);
+            for (name, declaration) in &new.sets {
+                if !old.sets.contains_key(name) {
+                    add_sets.push((name, declaration));
+                }
+            }
+            for (name, rules) in &new.chains {
+                match old.chains.get(name) {
+                    None => new_chains.push((name, rules)),
+                    Some(old_rules) if old_rules != rules => rewrite_chains.push((name, rules)),
+                    Some(_) => {}
+                }
+            }
+            for ((map, k), verdict) in &old.elements {
+                if new.elements.get(&(*map, k.clone())) != Some(verdict) {
+                    delete_elements.entry(*map).or_default().push(k.clone());
+                }
+            }
+            for ((map, k), verdict) in &new.elements {
+                if old.elements.get(&(*map, k.clone())) != Some(verdict) {
+                    add_elements.entry(*map).or_default().push(format!("{k} : {verdict}"));
+                }
+            }
+            delete_chains.extend(old.chains.keys().filter(|c| !new.chains.contains_key(*c)));
+            delete_sets.extend(old.sets.keys().filter(|s| !new.sets.contains_key(*s)));
+
+            match fresh.get(key) {
+                Some(rules) => state.services.insert(key.clone(), rules.clone()),
+                None => state.services.remove(key),
+            };
+        }
+
+        for (name, declaration) in add_sets {
+            script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
+        }
+        for (name, _) in &new_chains {
+            script.line(format_args!("add chain {ip} {TABLE} {name}"));
+        }
+        for (name, _) in &rewrite_chains {
+            script.line(format_args!("flush chain {ip} {TABLE} {name}"));
+        }
+        for (name, rules) in new_chains.iter().chain(&rewrite_chains) {
+            for rule in rules.iter() {
+                script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
+            }
+        }
+        // Removals before additions: a key whose verdict changed is deleted, then re-added.
+        for (map, keys) in &delete_elements {
+            script.elements("delete", family, *map, keys);
+        }
+        for (map, elements) in &add_elements {
+            script.elements("add", family, *map, elements);
+        }
+        // Chains go before sets: a chain being deleted may still refer to a set being deleted.
+        for name in &delete_chains {
+            script.line(format_args!("flush chain {ip} {TABLE} {name}"));
+        }
+        for name in &delete_chains {
+            script.line(format_args!("delete chain {ip} {TABLE} {name}"));
+        }
+        for name in &delete_sets {
+            script.line(format_args!("delete set {ip} {TABLE} {name}"));
+        }
+    }
+    Rendering { script: script.text, lines: script.lines, state, full: false }
+}
