@@ -5,7 +5,7 @@ use std::{net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
-use crate::model::{IpFamily, Protocol, ServicePortName};
+use crate::model::{Endpoint, IpFamily, Protocol, ProxyModel, ServicePort, ServicePortName};
 
 /// An endpoint address a backend sends traffic to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,7 +47,8 @@ pub struct ServicePlan {
 impl ServicePlan {
     /// Every distinct target of either kind of traffic, sorted: one endpoint chain/element each.
     pub fn all_targets(&self) -> Vec<Target> {
-        let mut all: Vec<Target> = self.cluster_targets.iter().chain(&self.external_targets).copied().collect();
+        let mut all: Vec<Target> =
+            self.cluster_targets.iter().chain(&self.external_targets).copied().collect();
         all.sort();
         all.dedup();
         all
@@ -71,3 +72,131 @@ pub struct NodeSettings {
     /// Local addresses node ports are served on; empty: every local address.
     pub node_port_addresses: Vec<IpNet>,
 }
+
+/// Plans every service port of the model: one [`ServicePlan`] per service port and address family
+/// it has a cluster IP of, sorted by name, IPv4 first.
+///
+/// Pure and cheap enough to run once per sync; every backend renders from its result, so that all
+/// modes make the same choices.
+pub fn plan(model: &ProxyModel, settings: &NodeSettings) -> Vec<ServicePlan> {
+    model.services.keys().flat_map(|name| plan_service(model, name, settings)).collect()
+}
+
+/// Plans one service port (none, one or two plans: one per address family), for partial syncs.
+/// A service port missing from the model has no plan: its rules are to be removed.
+pub fn plan_service(model: &ProxyModel, name: &ServicePortName, settings: &NodeSettings) -> Vec<ServicePlan> {
+    let Some(port) = model.services.get(name) else { return Vec::new() };
+    let endpoints = model.endpoints.get(name).map(Vec::as_slice).unwrap_or_default();
+    // As kube-proxy's per-family proxiers do, a Service is served in the families of its cluster
+    // IPs only; its other addresses of another family are ignored.
+    let mut families: Vec<IpFamily> = port.cluster_ips.iter().map(IpFamily::of).collect();
+    families.sort();
+    families.dedup();
+    families
+        .into_iter()
+        .filter_map(|family| plan_family(name, port, endpoints, model.node_zone.as_deref(), family, settings))
+        .collect()
+}
+
+/// Endpoints of one family sorted into kube-proxy's categories (pkg/proxy/topology.go).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Categorized {
+    /// For Cluster traffic policy: ready endpoints, else serving-terminating ones, narrowed to this
+    /// node's zone by topology hints when usable.
+    pub cluster: Vec<Target>,
+    /// For Local traffic policy: local ready endpoints, else local serving-terminating ones. Never
+    /// narrowed by topology: a local endpoint is as close as it gets.
+    pub local: Vec<Target>,
+}
+
+/// kube-proxy's `CategorizeEndpoints`, for endpoints of one family.
+pub fn categorize(endpoints: &[Endpoint], zone: Option<&str>) -> Categorized {
+    let hinted_zone = zone.filter(|zone| uses_zone_hints(endpoints, zone));
+    let in_topology =
+        |endpoint: &Endpoint| hinted_zone.is_none_or(|zone| endpoint.zone_hints.iter().any(|z| z == zone));
+    let serving_terminating = |endpoint: &Endpoint| endpoint.serving && endpoint.terminating;
+
+    let mut cluster = targets(endpoints, |e| e.ready && in_topology(e));
+    // With no ready endpoint (in topology), terminating endpoints that still serve keep connections
+    // working during a rolling update instead of refusing them (KEP-1669).
+    if cluster.is_empty() {
+        cluster = targets(endpoints, |e| serving_terminating(e) && in_topology(e));
+    }
+    let mut local = targets(endpoints, |e| e.is_local && e.ready);
+    if local.is_empty() {
+        local = targets(endpoints, |e| e.is_local && serving_terminating(e));
+    }
+    Categorized { cluster, local }
+}
+
+/// Topology hints are used only when every ready endpoint carries zone hints and at least one is
+/// hinted for this node's zone; otherwise traffic would be sent nowhere or unevenly.
+fn uses_zone_hints(endpoints: &[Endpoint], zone: &str) -> bool {
+    let ready: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    ready.iter().all(|e| !e.zone_hints.is_empty())
+        && ready.iter().any(|e| e.zone_hints.iter().any(|z| z == zone))
+}
+
+fn targets(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<Target> {
+    let mut targets: Vec<Target> = endpoints
+        .iter()
+        .filter(|e| keep(e))
+        .map(|e| Target { ip: e.ip, port: e.port, is_local: e.is_local })
+        .collect();
+    targets.sort();
+    targets.dedup();
+    targets
+}
+
+fn plan_family(
+    name: &ServicePortName,
+    port: &ServicePort,
+    endpoints: &[Endpoint],
+    zone: Option<&str>,
+    family: IpFamily,
+    settings: &NodeSettings,
+) -> Option<ServicePlan> {
+    let excluded = |ip: &IpAddr| settings.excluded_cidrs.iter().any(|net| net.contains(ip));
+    let addresses = |ips: &[IpAddr]| -> Vec<IpAddr> {
+        ips.iter().filter(|ip| IpFamily::of(ip) == family && !excluded(ip)).copied().collect()
+    };
+    let family_endpoints: Vec<Endpoint> =
+        endpoints.iter().filter(|e| IpFamily::of(&e.ip) == family).cloned().collect();
+    let categorized = categorize(&family_endpoints, zone);
+
+    let mut plan = ServicePlan {
+        name: name.clone(),
+        family,
+        protocol: name.protocol,
+        port: port.port,
+        node_port: port.node_port,
+        cluster_ips: addresses(&port.cluster_ips),
+        external_ips: addresses(&port.external_ips),
+        load_balancer_ips: addresses(&port.load_balancer_ips),
+        load_balancer_source_ranges: port
+            .load_balancer_source_ranges
+            .iter()
+            .filter(|net| IpFamily::of_net(net) == family)
+            .copied()
+            .collect(),
+        session_affinity: port.session_affinity,
+        cluster_targets: Vec::new(),
+        external_targets: Vec::new(),
+        external_policy_local: port.external_policy_local,
+        internal_policy_local: port.internal_policy_local,
+    };
+    if plan.cluster_ips.is_empty() && !plan.has_external() {
+        // Every address of this family is excluded and there is no node port: nothing to intercept.
+        return None;
+    }
+    let pick = |local: bool| if local { categorized.local.clone() } else { categorized.cluster.clone() };
+    plan.cluster_targets = pick(port.internal_policy_local);
+    // External traffic has its own policy; a port with no external address needs no targets for it.
+    if plan.has_external() {
+        plan.external_targets = pick(port.external_policy_local);
+    }
+    Some(plan)
+}
+
+#[cfg(test)]
+mod tests;

@@ -152,7 +152,8 @@ impl ChangeTracker {
     /// A Service was added or modified.
     pub fn apply_service(&mut self, service: &Service) {
         let Some(key) = object_ref(&service.metadata) else { return };
-        let ports = if self.proxies_service(service) { service_ports(&key, service) } else { BTreeMap::new() };
+        let ports =
+            if self.proxies_service(service) { service_ports(&key, service) } else { BTreeMap::new() };
         self.set_service_ports(key, ports);
     }
 
@@ -204,7 +205,9 @@ impl ChangeTracker {
         self.slice_owner.insert(slice_id, owner.clone());
         if self.rebuild_endpoints(&owner) {
             self.pending.endpoint_events += 1;
-            if let Some(time) = trigger_time(slice).filter(|time| self.config.started.is_none_or(|s| *time > s)) {
+            if let Some(time) =
+                trigger_time(slice).filter(|time| self.config.started.is_none_or(|s| *time > s))
+            {
                 let earliest = self.pending.trigger_times.entry(owner).or_insert(time);
                 *earliest = (*earliest).min(time);
             }
@@ -321,12 +324,8 @@ impl ChangeTracker {
     /// Recomputes a Service's endpoints from all of its slices. Returns whether any port changed.
     fn rebuild_endpoints(&mut self, owner: &ServiceRef) -> bool {
         let merged = self.slices.get(owner).map(merge_slices).unwrap_or_default();
-        let previous: Vec<ServicePortName> = self
-            .model
-            .endpoints
-            .range(port_range(owner))
-            .map(|(name, _)| name.clone())
-            .collect();
+        let previous: Vec<ServicePortName> =
+            self.model.endpoints.range(port_range(owner)).map(|(name, _)| name.clone()).collect();
         let mut changed = false;
         for name in previous {
             if !merged.contains_key(&name) {
@@ -424,10 +423,17 @@ fn service_ports(key: &ServiceRef, service: &Service) -> BTreeMap<ServicePortNam
     let cluster_ips = cluster_ips(spec);
     let external_ips = parse_ips(spec.external_ips.iter().flatten());
     let load_balancer_ips = if type_ == "LoadBalancer" {
-        let ingress = service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        let ingress =
+            service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
         // ipMode Proxy: the load balancer rewrites the destination, so the node must not intercept
         // the LB IP itself (KEP-1860).
-        parse_ips(ingress.into_iter().flatten().filter(|i| i.ip_mode.as_deref() != Some("Proxy")).filter_map(|i| i.ip.as_ref()))
+        parse_ips(
+            ingress
+                .into_iter()
+                .flatten()
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_ref()),
+        )
     } else {
         Vec::new()
     };
@@ -453,7 +459,8 @@ fn service_ports(key: &ServiceRef, service: &Service) -> BTreeMap<ServicePortNam
 
     let mut ports = BTreeMap::new();
     for port in spec.ports.iter().flatten() {
-        let (Some(protocol), Some(number)) = (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
+        let (Some(protocol), Some(number)) =
+            (parse_protocol(port.protocol.as_deref()), parse_port(port.port))
         else {
             continue;
         };
@@ -485,9 +492,11 @@ fn service_ports(key: &ServiceRef, service: &Service) -> BTreeMap<ServicePortNam
 
 /// `spec.loadBalancerSourceRanges`, or the older annotation when the field is empty.
 fn source_ranges(service: &Service) -> Vec<IpNet> {
-    let from_spec = service.spec.as_ref().and_then(|spec| spec.load_balancer_source_ranges.clone()).unwrap_or_default();
+    let from_spec =
+        service.spec.as_ref().and_then(|spec| spec.load_balancer_source_ranges.clone()).unwrap_or_default();
     let texts: Vec<String> = if from_spec.is_empty() {
-        let annotation = service.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES));
+        let annotation =
+            service.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_LB_SOURCE_RANGES));
         annotation.map(|text| text.split(',').map(str::to_owned).collect()).unwrap_or_default()
     } else {
         from_spec
@@ -518,7 +527,9 @@ fn slice_endpoints(owner: &ServiceRef, slice: &EndpointSlice, node_name: &str) -
         let mut endpoints = Vec::new();
         for endpoint in slice.endpoints.iter().flatten() {
             // kube-proxy uses the first address only; the others are the same Pod's and unused.
-            let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
             if IpFamily::of(&ip) != family {
                 continue;
             }

@@ -9,7 +9,9 @@ use k8s_openapi::{
             ClientIPConfig, LoadBalancerIngress, LoadBalancerStatus, Service, ServicePort as K8sServicePort,
             ServiceSpec, ServiceStatus, SessionAffinityConfig,
         },
-        discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone},
+        discovery::v1::{
+            Endpoint as K8sEndpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+        },
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -230,7 +232,11 @@ fn service_fields_are_read_as_kube_proxy_reads_them() {
     assert_eq!(port.cluster_ips, vec![ip("10.96.0.20"), ip("fd00::20")]);
     assert_eq!(port.node_port, Some(30080));
     assert_eq!(port.external_ips, vec![ip("192.0.2.1")]);
-    assert_eq!(port.load_balancer_ips, vec![ip("198.51.100.1")], "ipMode Proxy and hostnames are not intercepted");
+    assert_eq!(
+        port.load_balancer_ips,
+        vec![ip("198.51.100.1")],
+        "ipMode Proxy and hostnames are not intercepted"
+    );
     assert_eq!(
         port.load_balancer_source_ranges,
         vec!["198.51.100.0/24".parse::<IpNet>().expect("net"), "203.0.113.0/24".parse().expect("net")]
@@ -271,7 +277,8 @@ fn slices_merge_per_service_port_and_dedupe() {
     assert_eq!(t.take_changes().endpoint_events, 3);
 
     t.delete_slice(&slice("web-2", "web", "IPv4", &[], &[]));
-    let ips: Vec<String> = t.model().endpoints[&spn("web", "http")].iter().map(|e| e.ip.to_string()).collect();
+    let ips: Vec<String> =
+        t.model().endpoints[&spn("web", "http")].iter().map(|e| e.ip.to_string()).collect();
     assert_eq!(ips, ["10.0.0.1", "10.0.0.2", "fd00::1"]);
     assert!(!t.model().endpoints[&spn("web", "http")][1].is_local);
 
@@ -290,7 +297,8 @@ fn endpoint_conditions_default_as_the_api_says() {
     let mut local = ep("10.0.0.3");
     local.node = Some("node-a");
     local.zones = &["zone-b", "zone-a"];
-    let mut no_address = slice("web-1", "web", "IPv4", &[("http", 8080)], &[ep("10.0.0.1"), terminating, local]);
+    let mut no_address =
+        slice("web-1", "web", "IPv4", &[("http", 8080)], &[ep("10.0.0.1"), terminating, local]);
     if let Some(endpoints) = no_address.endpoints.as_mut() {
         endpoints.push(K8sEndpoint::default());
     }
@@ -414,8 +422,8 @@ fn arb_service() -> impl Strategy<Value = Service> {
 
 fn arb_slice() -> impl Strategy<Value = EndpointSlice> {
     let endpoint = (0..IPS.len(), prop::option::of(any::<bool>()), any::<bool>(), any::<bool>());
-    (0..NAMES.len(), 0..2usize, any::<bool>(), prop::collection::vec(endpoint, 0..4), 0..2usize)
-        .prop_map(|(service, index, v6, endpoints, port)| {
+    (0..NAMES.len(), 0..2usize, any::<bool>(), prop::collection::vec(endpoint, 0..4), 0..2usize).prop_map(
+        |(service, index, v6, endpoints, port)| {
             let endpoints: Vec<Ep> = endpoints
                 .into_iter()
                 .map(|(ip, ready, local, terminating)| Ep {
@@ -428,8 +436,15 @@ fn arb_slice() -> impl Strategy<Value = EndpointSlice> {
                 })
                 .collect();
             let name = format!("{}-{index}", NAMES[service]);
-            slice(&name, NAMES[service], if v6 { "IPv6" } else { "IPv4" }, &[(["", "http"][port], 80)], &endpoints)
-        })
+            slice(
+                &name,
+                NAMES[service],
+                if v6 { "IPv6" } else { "IPv4" },
+                &[(["", "http"][port], 80)],
+                &endpoints,
+            )
+        },
+    )
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
