@@ -18,7 +18,9 @@ pub use net::{Cidr, CidrError, NodePortAddress};
 pub use proxyconfig::{
     NodeEntry, ProxyConfig, ProxyConfigSpec, ProxyConfigStatus, RolloutSpec, Summary, condition_types,
 };
-pub use proxynode::{Capabilities, ProxyNode, ProxyNodeSpec, ProxyNodeStatus, node_condition_types};
+pub use proxynode::{
+    Capabilities, ProxyNode, ProxyNodeSpec, ProxyNodeStatus, SyncState, node_condition_types,
+};
 pub use settings::{IpvsScheduler, IpvsSettings, ProxyMode, ProxySettings, SettingsError};
 
 /// The API group of every fleetproxy resource.

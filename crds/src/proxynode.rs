@@ -90,3 +90,112 @@ pub struct Capabilities {
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub modes: Vec<ProxyMode>,
 }
+
+/// Where a node's agent stands on the settings in its ProxyNode's spec, read from the status alone.
+///
+/// The contract the agent keeps, and the operator relies on:
+/// - it writes status only after an attempt to apply the spec, never while applying;
+/// - on success it sets `appliedGeneration` to `spec.configGeneration` and `Ready` to True;
+/// - on failure it leaves `appliedGeneration` at what it last applied and sets `Ready` to False with a
+///   reason and message;
+/// - the `Ready` condition's `observedGeneration` is the ProxyNode's `metadata.generation` it acted
+///   on, so that a report about an older spec is not mistaken for one about the current spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncState {
+    /// The agent has not reported on the current spec yet (or has never run).
+    Pending,
+    /// The agent applied the current spec and is Ready.
+    Ready,
+    /// The agent applied the current spec but is not Ready now, for example after a failed resync.
+    NotReady { reason: String, message: String },
+    /// The agent could not apply the current spec; it keeps its last working mode.
+    Failed { reason: String, message: String },
+}
+
+impl ProxyNode {
+    /// The agent's `Ready` condition, if it wrote one.
+    pub fn ready_condition(&self) -> Option<&Condition> {
+        let status = self.status.as_ref()?;
+        status.conditions.iter().find(|c| c.type_ == node_condition_types::READY)
+    }
+
+    /// Whether an agent ever reported on this node: an agent that never did has no rules in the kernel.
+    pub fn has_reported(&self) -> bool {
+        self.status.as_ref().is_some_and(|status| {
+            status.applied_generation.is_some()
+                || status.active_mode.is_some()
+                || !status.conditions.is_empty()
+        })
+    }
+
+    /// Where the agent stands on the current spec; see [`SyncState`] for the contract behind it.
+    pub fn sync_state(&self) -> SyncState {
+        let Some(ready) = self.ready_condition() else { return SyncState::Pending };
+        // A condition without observedGeneration is taken as current: halting on a stale failure is
+        // safer than rolling on past a real one.
+        let about_current_spec = match (ready.observed_generation, self.metadata.generation) {
+            (Some(observed), Some(current)) => observed >= current,
+            _ => true,
+        };
+        if !about_current_spec {
+            return SyncState::Pending;
+        }
+        let applied_current =
+            self.status.as_ref().and_then(|s| s.applied_generation) == Some(self.spec.config_generation);
+        let reason = || ready.reason.clone();
+        let message = || ready.message.clone();
+        match (ready.status.as_str(), applied_current) {
+            ("True", true) => SyncState::Ready,
+            ("True", false) => SyncState::Pending,
+            (_, true) => SyncState::NotReady { reason: reason(), message: message() },
+            (_, false) => SyncState::Failed { reason: reason(), message: message() },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn node(
+        generation: i64,
+        config_generation: i64,
+        applied: Option<i64>,
+        ready: Option<(&str, i64)>,
+    ) -> ProxyNode {
+        let mut node = ProxyNode::new("n", ProxyNodeSpec { config_generation, ..Default::default() });
+        node.metadata.generation = Some(generation);
+        node.status = Some(ProxyNodeStatus {
+            applied_generation: applied,
+            conditions: ready
+                .map(|(status, observed)| Condition {
+                    type_: node_condition_types::READY.into(),
+                    status: status.into(),
+                    reason: "R".into(),
+                    message: "M".into(),
+                    observed_generation: Some(observed),
+                    last_transition_time: Time(Timestamp::UNIX_EPOCH),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        });
+        node
+    }
+
+    #[test]
+    fn sync_state_follows_the_agent_contract() {
+        let failed = SyncState::Failed { reason: "R".into(), message: "M".into() };
+        let not_ready = SyncState::NotReady { reason: "R".into(), message: "M".into() };
+        assert_eq!(node(2, 5, None, None).sync_state(), SyncState::Pending);
+        assert_eq!(node(2, 5, Some(5), Some(("True", 2))).sync_state(), SyncState::Ready);
+        assert_eq!(node(3, 6, Some(5), Some(("True", 2))).sync_state(), SyncState::Pending, "stale report");
+        assert_eq!(node(3, 6, Some(5), Some(("False", 2))).sync_state(), SyncState::Pending, "stale failure");
+        assert_eq!(node(3, 6, Some(5), Some(("False", 3))).sync_state(), failed);
+        assert_eq!(node(3, 6, Some(6), Some(("False", 3))).sync_state(), not_ready);
+        assert!(!ProxyNode::new("n", ProxyNodeSpec::default()).has_reported());
+        assert!(node(1, 1, None, Some(("False", 1))).has_reported());
+    }
+}
