@@ -4,6 +4,7 @@
 
 pub mod dataplane;
 pub mod exec;
+pub mod iptables;
 pub mod model;
 pub mod nftables;
 pub mod policy;

@@ -1,0 +1,772 @@
+//! The pure iptables renderer: service plans of one address family → `iptables-restore --noflush`
+//! input for the `filter` and `nat` tables, laid out as kube-proxy's iptables proxier lays out its
+//! rules, with our own `FP-` chain prefix.
+//!
+//! # Chains
+//! | table  | chain                    | role                                                              |
+//! |--------|--------------------------|-------------------------------------------------------------------|
+//! | nat    | `FP-SERVICES`            | dispatch on destination (cluster, external, load-balancer IPs)    |
+//! | nat    | `FP-NODEPORTS`           | dispatch on node ports (last rule of `FP-SERVICES`, local dst)    |
+//! | nat    | `FP-POSTROUTING`         | masquerade packets carrying the masquerade mark                   |
+//! | nat    | `FP-MARK-MASQ`           | set the masquerade mark                                           |
+//! | nat    | `FP-MARK-MASQ-OFFCLUSTER`| mark unless the source is in a cluster CIDR (only with 2+ CIDRs)  |
+//! | nat    | `FP-SVC-<hash>`          | load balancing over the cluster-traffic endpoints                 |
+//! | nat    | `FP-SVX-<hash>`          | load balancing over the external-traffic endpoints, when they differ (Local policy) |
+//! | nat    | `FP-EXT-<hash>`          | external traffic: masquerade (Cluster policy) or keep the source (Local) |
+//! | nat    | `FP-FW-<hash>`           | loadBalancerSourceRanges                                          |
+//! | nat    | `FP-SEP-<hash>`          | one endpoint: hairpin masquerade, affinity, DNAT                  |
+//! | filter | `FP-SERVICES`            | REJECT cluster IPs without endpoints                              |
+//! | filter | `FP-EXTERNAL-SERVICES`   | REJECT/DROP node ports, external and LB IPs without endpoints     |
+//! | filter | `FP-FORWARD`             | accept forwarded service traffic                                  |
+//! | filter | `FP-PROXY-FIREWALL`      | DROP load-balancer traffic the `FP-FW-` chain did not accept      |
+//!
+//! Per-service names carry the first 80 bits of a SHA-256 of the service port (and endpoint), in
+//! base32, as kube-proxy's do: 16 characters, so `FP-SEP-` + 16 = 23, within iptables' 28.
+//!
+//! # Partial updates
+//! In `iptables-restore --noflush`, a `:CHAIN` line creates the chain, or flushes it if it exists.
+//! So, as kube-proxy does, a partial render declares (and rewrites) only the chains it writes: every
+//! top-level chain (cheap, and they reference every service), plus the per-service chains of the
+//! changed services. Chains of unchanged services are neither declared nor written, so the kernel
+//! keeps them as they are. Chains no longer needed are declared (flushed) and then deleted with `-X`
+//! after every rule that referenced them has been rewritten, in the same transaction.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    model::{IpFamily, Protocol, ServicePortName},
+    policy::{NodeSettings, ServicePlan, Target},
+};
+
+/// Every chain of ours starts with this.
+pub const CHAIN_PREFIX: &str = "FP-";
+pub const SERVICES: &str = "FP-SERVICES";
+pub const EXTERNAL_SERVICES: &str = "FP-EXTERNAL-SERVICES";
+pub const NODEPORTS: &str = "FP-NODEPORTS";
+pub const POSTROUTING: &str = "FP-POSTROUTING";
+pub const MARK_MASQ: &str = "FP-MARK-MASQ";
+pub const MARK_MASQ_OFF_CLUSTER: &str = "FP-MARK-MASQ-OFFCLUSTER";
+pub const FORWARD: &str = "FP-FORWARD";
+pub const PROXY_FIREWALL: &str = "FP-PROXY-FIREWALL";
+
+/// Top-level nat chains, always (re)written.
+const NAT_CHAINS: [&str; 4] = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
+/// Filter chains, always (re)written.
+pub const FILTER_CHAINS: [&str; 4] = [SERVICES, EXTERNAL_SERVICES, FORWARD, PROXY_FIREWALL];
+
+/// Above this many endpoints (all services, this family), per-endpoint rules go without comments,
+/// as in kube-proxy's large-cluster mode: they make up most of the payload.
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Filter,
+    Nat,
+}
+
+impl Table {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Filter => "filter",
+            Self::Nat => "nat",
+        }
+    }
+}
+
+/// A rule in a builtin chain that sends traffic into one of ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JumpRule {
+    pub table: Table,
+    /// The builtin chain (`PREROUTING`, `INPUT`, ...).
+    pub chain: &'static str,
+    /// Our chain it jumps to.
+    pub target: &'static str,
+    /// The matches, as `iptables-save` prints them.
+    pub matches: &'static str,
+}
+
+impl JumpRule {
+    /// The rule spec after the chain name: matches and `-j target`.
+    pub fn spec(&self) -> String {
+        format!("{} -j {}", self.matches, self.target)
+    }
+}
+
+/// Our jump rules, in the order they should end up in each builtin chain (all at its top).
+pub const JUMP_RULES: [JumpRule; 11] = {
+    const PORTALS: &str = "-m comment --comment \"fleetproxy service portals\"";
+    const NEW_PORTALS: &str = "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy service portals\"";
+    const NEW_EXTERNAL: &str =
+        "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy externally-visible service portals\"";
+    const NEW_FIREWALL: &str = "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy load balancer firewall\"";
+    const fn jump(table: Table, chain: &'static str, target: &'static str, matches: &'static str) -> JumpRule {
+        JumpRule { table, chain, target, matches }
+    }
+    [
+        jump(Table::Nat, "PREROUTING", SERVICES, PORTALS),
+        jump(Table::Nat, "OUTPUT", SERVICES, PORTALS),
+        jump(Table::Nat, "POSTROUTING", POSTROUTING, "-m comment --comment \"fleetproxy postrouting rules\""),
+        jump(Table::Filter, "INPUT", PROXY_FIREWALL, NEW_FIREWALL),
+        jump(Table::Filter, "INPUT", EXTERNAL_SERVICES, NEW_EXTERNAL),
+        jump(Table::Filter, "FORWARD", PROXY_FIREWALL, NEW_FIREWALL),
+        jump(Table::Filter, "FORWARD", FORWARD, "-m comment --comment \"fleetproxy forwarding rules\""),
+        jump(Table::Filter, "FORWARD", SERVICES, NEW_PORTALS),
+        jump(Table::Filter, "FORWARD", EXTERNAL_SERVICES, NEW_EXTERNAL),
+        jump(Table::Filter, "OUTPUT", PROXY_FIREWALL, NEW_FIREWALL),
+        jump(Table::Filter, "OUTPUT", SERVICES, NEW_PORTALS),
+    ]
+};
+
+/// What the kernel holds of ours, as read from `iptables-save` before a full sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelChains {
+    /// Our chains in the nat table.
+    pub nat: BTreeSet<String>,
+    /// Our chains in the filter table.
+    pub filter: BTreeSet<String>,
+    /// Jump rules present: (table, builtin chain, our target chain).
+    pub jumps: BTreeSet<(Table, String, String)>,
+}
+
+/// The nat chains each service port owns (per family), as last written.
+pub type ServiceChains = BTreeMap<ServicePortName, BTreeSet<String>>;
+
+/// How much to render.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode<'a> {
+    /// Rewrite every chain of ours, add missing jump rules, delete the chains of ours in `existing`
+    /// that this render does not produce.
+    Full { existing: &'a KernelChains },
+    /// Rewrite the top-level chains and the chains of the `changed` service ports only; `previous`
+    /// is what the last successful sync wrote (to delete what a changed service no longer needs).
+    Partial { changed: &'a BTreeSet<ServicePortName>, previous: &'a ServiceChains },
+}
+
+/// A rendered transaction for one address family.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    /// `iptables-restore --noflush` input: `*filter ... COMMIT`, `*nat ... COMMIT`.
+    pub text: String,
+    /// Lines in `text`.
+    pub lines: usize,
+    /// The nat chains of every service port of this family once `text` is applied.
+    pub service_chains: ServiceChains,
+}
+
+/// The first 80 bits of SHA-256 of `input`, in RFC 4648 base32: 16 characters `A-Z2-7`.
+pub fn hash16(input: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let digest = Sha256::digest(input.as_bytes());
+    let mut bits: u128 = 0;
+    for byte in &digest[..10] {
+        bits = (bits << 8) | u128::from(*byte);
+    }
+    (0..16).rev().map(|i| char::from(ALPHABET[((bits >> (5 * i)) & 31) as usize])).collect()
+}
+
+/// kube-proxy's "namespace/name:port" + protocol, the input of every per-service hash.
+fn service_key(name: &ServicePortName, protocol: Protocol) -> String {
+    format!("{}/{}:{}{}", name.namespace, name.name, name.port, protocol.as_str())
+}
+
+/// `FP-<kind>-<hash of the service port>` (kind: SVC, SVX, EXT, FW).
+pub fn service_chain(kind: &str, name: &ServicePortName, protocol: Protocol) -> String {
+    format!("{CHAIN_PREFIX}{kind}-{}", hash16(&service_key(name, protocol)))
+}
+
+/// `FP-SEP-<hash of the service port and endpoint>`.
+pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, target: &Target) -> String {
+    let endpoint = SocketAddr::new(target.ip, target.port);
+    format!("{CHAIN_PREFIX}SEP-{}", hash16(&format!("{}{endpoint}", service_key(name, protocol))))
+}
+
+/// Whether `chain` is a per-service chain of ours (the kind a stale-chain sweep may delete).
+pub fn is_service_chain(chain: &str) -> bool {
+    ["SVC-", "SVX-", "EXT-", "FW-", "SEP-"]
+        .iter()
+        .any(|kind| chain.strip_prefix(CHAIN_PREFIX).is_some_and(|rest| rest.starts_with(kind)))
+}
+
+/// kube-proxy's probability formatting: 1/n with ten decimals.
+fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+/// Names of one plan's nat chains.
+struct Names {
+    svc: String,
+    svx: String,
+    ext: String,
+    fw: String,
+}
+
+impl Names {
+    fn of(plan: &ServicePlan) -> Self {
+        let key = service_key(&plan.name, plan.protocol);
+        let hash = hash16(&key);
+        Self {
+            svc: format!("{CHAIN_PREFIX}SVC-{hash}"),
+            svx: format!("{CHAIN_PREFIX}SVX-{hash}"),
+            ext: format!("{CHAIN_PREFIX}EXT-{hash}"),
+            fw: format!("{CHAIN_PREFIX}FW-{hash}"),
+        }
+    }
+}
+
+/// What a plan needs, decided once.
+struct Shape {
+    has_cluster: bool,
+    /// External traffic balances over its own chain (its targets differ from cluster traffic's).
+    separate_external: bool,
+    uses_ext: bool,
+    uses_fw: bool,
+}
+
+impl Shape {
+    fn of(plan: &ServicePlan) -> Self {
+        let has_cluster = !plan.cluster_targets.is_empty();
+        let has_external = !plan.external_targets.is_empty();
+        let separate_external = has_external && plan.external_targets != plan.cluster_targets;
+        let uses_ext = has_external && plan.has_external();
+        let uses_fw = uses_ext && !plan.load_balancer_ips.is_empty() && !plan.load_balancer_source_ranges.is_empty();
+        Self { has_cluster, separate_external, uses_ext, uses_fw }
+    }
+
+    /// The chain external traffic is balanced by.
+    fn external_lb<'n>(&self, names: &'n Names) -> &'n str {
+        if self.separate_external { &names.svx } else { &names.svc }
+    }
+}
+
+/// The nat chains a plan owns.
+fn plan_chains(plan: &ServicePlan) -> BTreeSet<String> {
+    let names = Names::of(plan);
+    let shape = Shape::of(plan);
+    let mut chains = BTreeSet::new();
+    if shape.has_cluster {
+        chains.insert(names.svc.clone());
+    }
+    if shape.separate_external {
+        chains.insert(names.svx.clone());
+    }
+    if shape.uses_ext {
+        chains.insert(names.ext.clone());
+    }
+    if shape.uses_fw {
+        chains.insert(names.fw.clone());
+    }
+    let mut targets: Vec<&Target> = Vec::new();
+    if shape.has_cluster {
+        targets.extend(&plan.cluster_targets);
+    }
+    if shape.separate_external {
+        targets.extend(&plan.external_targets);
+    }
+    for target in targets {
+        chains.insert(endpoint_chain(&plan.name, plan.protocol, target));
+    }
+    chains
+}
+
+/// Node-wide settings narrowed to one family.
+struct Ctx {
+    family: IpFamily,
+    excluded: Vec<IpNet>,
+    cluster_cidrs: Vec<IpNet>,
+    node_port_addresses: Vec<IpNet>,
+    masquerade_all: bool,
+    /// `0x4000`
+    mark: String,
+    endpoint_comments: bool,
+}
+
+impl Ctx {
+    fn new(family: IpFamily, settings: &NodeSettings, endpoints: usize) -> Self {
+        let of_family = |nets: &[IpNet]| nets.iter().filter(|n| IpFamily::of_net(n) == family).copied().collect();
+        Self {
+            family,
+            excluded: of_family(&settings.excluded_cidrs),
+            cluster_cidrs: of_family(&settings.cluster_cidrs),
+            node_port_addresses: of_family(&settings.node_port_addresses),
+            masquerade_all: settings.masquerade_all,
+            mark: format!("{:#x}", 1u32 << u32::from(settings.masquerade_bit.min(31))),
+            endpoint_comments: endpoints <= LARGE_CLUSTER_ENDPOINTS,
+        }
+    }
+
+    /// The rule that marks cluster-IP traffic for masquerading, if any: `-j FP-MARK-MASQ` for
+    /// everything, or only for sources outside the cluster CIDRs.
+    fn cluster_masq(&self) -> Option<String> {
+        if self.masquerade_all {
+            Some(format!("-j {MARK_MASQ}"))
+        } else {
+            match self.cluster_cidrs.as_slice() {
+                [] => None,
+                [one] => Some(format!("! -s {one} -j {MARK_MASQ}")),
+                _ => Some(format!("-j {MARK_MASQ_OFF_CLUSTER}")),
+            }
+        }
+    }
+
+    fn reject(&self, protocol: Protocol) -> &'static str {
+        match protocol {
+            Protocol::Tcp => "REJECT --reject-with tcp-reset",
+            Protocol::Udp | Protocol::Sctp => match self.family {
+                IpFamily::V4 => "REJECT --reject-with icmp-port-unreachable",
+                IpFamily::V6 => "REJECT --reject-with icmp6-port-unreachable",
+            },
+        }
+    }
+}
+
+/// A host address or a network, as iptables wants it after `-d`/`-s`.
+fn addr(ip: &IpAddr) -> String {
+    ip.to_string()
+}
+
+/// An iptables-restore section being built: chain declarations, then rules, then deletions.
+#[derive(Default)]
+struct Section {
+    chains: String,
+    head: String,
+    rules: String,
+    tail: String,
+    lines: usize,
+}
+
+impl Section {
+    fn chain(&mut self, name: &str) {
+        let _ = writeln!(self.chains, ":{name} - [0:0]");
+        self.lines += 1;
+    }
+
+    fn rule(&mut self, chain: &str, spec: &str) {
+        let _ = writeln!(self.rules, "-A {chain} {spec}");
+        self.lines += 1;
+    }
+
+    fn insert(&mut self, chain: &str, spec: &str) {
+        let _ = writeln!(self.head, "-I {chain} 1 {spec}");
+        self.lines += 1;
+    }
+
+    /// Flushes (by declaring) and deletes `name` after every rule has been rewritten.
+    fn delete(&mut self, name: &str) {
+        self.chain(name);
+        let _ = writeln!(self.tail, "-X {name}");
+        self.lines += 1;
+    }
+
+    fn finish(self, table: Table, out: &mut String) -> usize {
+        let _ = writeln!(out, "*{}", table.as_str());
+        out.push_str(&self.chains);
+        out.push_str(&self.head);
+        out.push_str(&self.rules);
+        out.push_str(&self.tail);
+        out.push_str("COMMIT\n");
+        self.lines + 2
+    }
+}
+
+/// Renders the plans of `family` (plans of the other family are ignored).
+pub fn render(family: IpFamily, plans: &[ServicePlan], settings: &NodeSettings, mode: &Mode<'_>) -> Rendered {
+    let mut plans: Vec<&ServicePlan> = plans.iter().filter(|p| p.family == family).collect();
+    plans.sort_by(|a, b| a.name.cmp(&b.name));
+    let endpoints = plans.iter().map(|p| p.cluster_targets.len().max(p.external_targets.len())).sum();
+    let ctx = Ctx::new(family, settings, endpoints);
+
+    let mut filter = Section::default();
+    let mut nat = Section::default();
+
+    // Top-level chains: always declared (flushed) and rewritten.
+    for chain in FILTER_CHAINS {
+        filter.chain(chain);
+    }
+    for chain in NAT_CHAINS {
+        nat.chain(chain);
+    }
+    let off_cluster = !ctx.masquerade_all && ctx.cluster_cidrs.len() > 1;
+    if off_cluster {
+        nat.chain(MARK_MASQ_OFF_CLUSTER);
+    }
+
+    if let Mode::Full { existing } = mode {
+        // Inserted at the top in reverse, so they end up in JUMP_RULES order.
+        for jump in JUMP_RULES.iter().rev() {
+            if !existing.jumps.contains(&(jump.table, jump.chain.to_owned(), jump.target.to_owned())) {
+                let section = if jump.table == Table::Nat { &mut nat } else { &mut filter };
+                section.insert(jump.chain, &jump.spec());
+            }
+        }
+    }
+
+    write_fixed_rules(&ctx, &mut filter, &mut nat, off_cluster);
+
+    // Per-service chains: which to write, which the kernel keeps, which go.
+    let mut service_chains = ServiceChains::new();
+    let mut dispatch = Dispatch::default();
+    let mut svc_rules = Section::default();
+    for plan in &plans {
+        let write_chains = match mode {
+            Mode::Full { .. } => true,
+            Mode::Partial { changed, previous } => changed.contains(&plan.name) || !previous.contains_key(&plan.name),
+        };
+        write_dispatch(&ctx, plan, &mut dispatch, &mut filter);
+        let chains = plan_chains(plan);
+        if write_chains {
+            for chain in &chains {
+                nat.chain(chain);
+            }
+            write_service_chains(&ctx, plan, &mut svc_rules);
+        }
+        service_chains.insert(plan.name.clone(), chains);
+    }
+
+    // Deletions: chains of ours that nothing produces any more.
+    let mut stale: BTreeSet<&str> = BTreeSet::new();
+    let active: BTreeSet<&str> = service_chains.values().flatten().map(String::as_str).collect();
+    match mode {
+        Mode::Full { existing } => {
+            let mut keep: BTreeSet<&str> = active.clone();
+            keep.extend(NAT_CHAINS);
+            if off_cluster {
+                keep.insert(MARK_MASQ_OFF_CLUSTER);
+            }
+            stale.extend(existing.nat.iter().map(String::as_str).filter(|c| !keep.contains(c)));
+            for chain in existing.filter.iter().filter(|c| !FILTER_CHAINS.contains(&c.as_str())) {
+                filter.delete(chain);
+            }
+        }
+        Mode::Partial { changed, previous } => {
+            for name in changed.iter() {
+                if let Some(old) = previous.get(name) {
+                    stale.extend(old.iter().map(String::as_str).filter(|c| !active.contains(c)));
+                }
+            }
+        }
+    }
+    for chain in stale {
+        nat.delete(chain);
+    }
+
+    // The nat rules: excluded CIDRs first, then the dispatch, node ports last.
+    for net in &ctx.excluded {
+        nat.rule(SERVICES, &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"));
+    }
+    nat.rules.push_str(&dispatch.services);
+    nat.lines += dispatch.services_lines;
+    if ctx.node_port_addresses.is_empty() {
+        nat.rule(
+            SERVICES,
+            &format!(
+                "-m comment --comment \"fleetproxy service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j {NODEPORTS}"
+            ),
+        );
+    } else {
+        for net in &ctx.node_port_addresses {
+            nat.rule(
+                SERVICES,
+                &format!("-m comment --comment \"fleetproxy service nodeports\" -d {net} -m addrtype --dst-type LOCAL -j {NODEPORTS}"),
+            );
+        }
+    }
+    nat.rules.push_str(&dispatch.nodeports);
+    nat.lines += dispatch.nodeports_lines;
+    nat.rules.push_str(&svc_rules.rules);
+    nat.lines += svc_rules.lines;
+
+    let mut text = String::with_capacity(filter.rules.len() + nat.rules.len() + nat.chains.len() + 1024);
+    let mut lines = filter.finish(Table::Filter, &mut text);
+    lines += nat.finish(Table::Nat, &mut text);
+    Rendered { text, lines, service_chains }
+}
+
+/// Rules of the fixed chains (masquerading, forwarding, excluded CIDRs in filter).
+fn write_fixed_rules(ctx: &Ctx, filter: &mut Section, nat: &mut Section, off_cluster: bool) {
+    let mark = &ctx.mark;
+    for net in &ctx.excluded {
+        for chain in [SERVICES, EXTERNAL_SERVICES, PROXY_FIREWALL] {
+            filter.rule(chain, &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"));
+        }
+    }
+    filter.rule(FORWARD, "-m conntrack --ctstate INVALID -j DROP");
+    filter.rule(FORWARD, &format!("-m comment --comment \"fleetproxy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"));
+    filter.rule(
+        FORWARD,
+        "-m comment --comment \"fleetproxy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    );
+
+    nat.rule(POSTROUTING, &format!("-m mark ! --mark {mark}/{mark} -j RETURN"));
+    // Clear the mark so that a packet that comes back through the stack is not masqueraded twice.
+    nat.rule(POSTROUTING, &format!("-j MARK --set-xmark {mark}/0x0"));
+    nat.rule(POSTROUTING, "-m comment --comment \"fleetproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+    nat.rule(MARK_MASQ, &format!("-j MARK --set-xmark {mark}/{mark}"));
+    if off_cluster {
+        for net in &ctx.cluster_cidrs {
+            nat.rule(MARK_MASQ_OFF_CLUSTER, &format!("-s {net} -j RETURN"));
+        }
+        nat.rule(MARK_MASQ_OFF_CLUSTER, &format!("-j {MARK_MASQ}"));
+    }
+}
+
+/// nat rules of the dispatch chains, kept apart so that they can follow the excluded-CIDR rules.
+#[derive(Default)]
+struct Dispatch {
+    services: String,
+    services_lines: usize,
+    nodeports: String,
+    nodeports_lines: usize,
+}
+
+impl Dispatch {
+    fn service(&mut self, spec: &str) {
+        let _ = writeln!(self.services, "-A {SERVICES} {spec}");
+        self.services_lines += 1;
+    }
+
+    fn nodeport(&mut self, spec: &str) {
+        let _ = writeln!(self.nodeports, "-A {NODEPORTS} {spec}");
+        self.nodeports_lines += 1;
+    }
+}
+
+/// The dispatch rules of one plan (nat `FP-SERVICES`, `FP-NODEPORTS`) and its filter rules.
+fn write_dispatch(ctx: &Ctx, plan: &ServicePlan, dispatch: &mut Dispatch, filter: &mut Section) {
+    let names = Names::of(plan);
+    let shape = Shape::of(plan);
+    let name = plan.name.to_string();
+    let proto = plan.protocol.as_str();
+    let port = plan.port;
+    let matches = |ip: &IpAddr| format!("-m {proto} -p {proto} -d {} --dport {port}", addr(ip));
+
+    // What traffic without usable endpoints gets: DROP when endpoints exist but not for this kind
+    // of traffic (Local policy), REJECT (a fast refusal) when there are none at all.
+    let internal_verdict = if plan.internal_policy_local && !plan.external_targets.is_empty() {
+        ("has no local endpoints", "DROP")
+    } else {
+        ("has no endpoints", ctx.reject(plan.protocol))
+    };
+    let external_verdict = if plan.external_policy_local && !plan.cluster_targets.is_empty() {
+        ("has no local endpoints", "DROP")
+    } else {
+        ("has no endpoints", ctx.reject(plan.protocol))
+    };
+
+    for ip in &plan.cluster_ips {
+        if shape.has_cluster {
+            dispatch.service(&format!("-m comment --comment \"{name} cluster IP\" {} -j {}", matches(ip), names.svc));
+        } else {
+            let (why, verdict) = internal_verdict;
+            filter.rule(SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+        }
+    }
+    let external_entry = if shape.uses_fw { &names.fw } else { &names.ext };
+    for ip in &plan.external_ips {
+        if shape.uses_ext {
+            dispatch.service(&format!("-m comment --comment \"{name} external IP\" {} -j {}", matches(ip), names.ext));
+        } else {
+            let (why, verdict) = external_verdict;
+            filter.rule(EXTERNAL_SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+        }
+    }
+    for ip in &plan.load_balancer_ips {
+        if shape.uses_ext {
+            dispatch.service(&format!("-m comment --comment \"{name} loadbalancer IP\" {} -j {external_entry}", matches(ip)));
+            if shape.uses_fw {
+                filter.rule(
+                    PROXY_FIREWALL,
+                    &format!("-m comment --comment \"{name} traffic not accepted by {}\" {} -j DROP", names.fw, matches(ip)),
+                );
+            }
+        } else {
+            let (why, verdict) = external_verdict;
+            filter.rule(EXTERNAL_SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+        }
+    }
+    if let Some(node_port) = plan.node_port {
+        if shape.uses_ext {
+            dispatch.nodeport(&format!("-m comment --comment \"{name}\" -m {proto} -p {proto} --dport {node_port} -j {}", names.ext));
+        } else {
+            let (why, verdict) = external_verdict;
+            let destinations: Vec<String> = if ctx.node_port_addresses.is_empty() {
+                vec![String::new()]
+            } else {
+                ctx.node_port_addresses.iter().map(|net| format!(" -d {net}")).collect()
+            };
+            for dst in destinations {
+                filter.rule(
+                    EXTERNAL_SERVICES,
+                    &format!(
+                        "-m comment --comment \"{name} {why}\" -m addrtype --dst-type LOCAL{dst} -m {proto} -p {proto} --dport {node_port} -j {verdict}"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// The per-service nat chains of one plan (their declarations are the caller's).
+fn write_service_chains(ctx: &Ctx, plan: &ServicePlan, out: &mut Section) {
+    let names = Names::of(plan);
+    let shape = Shape::of(plan);
+    let name = plan.name.to_string();
+    let proto = plan.protocol.as_str();
+    let port = plan.port;
+
+    if shape.has_cluster {
+        if let Some(masq) = ctx.cluster_masq() {
+            for ip in &plan.cluster_ips {
+                out.rule(
+                    &names.svc,
+                    &format!("-m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {} --dport {port} {masq}", addr(ip)),
+                );
+            }
+        }
+        write_balancing(ctx, plan, &names.svc, &plan.cluster_targets, out);
+    }
+    if shape.separate_external {
+        write_balancing(ctx, plan, &names.svx, &plan.external_targets, out);
+    }
+    if shape.uses_ext {
+        let lb = shape.external_lb(&names);
+        if plan.external_policy_local {
+            if shape.has_cluster {
+                for net in &ctx.cluster_cidrs {
+                    out.rule(
+                        &names.ext,
+                        &format!("-m comment --comment \"pod traffic for {name} external destinations\" -s {net} -j {}", names.svc),
+                    );
+                }
+                out.rule(
+                    &names.ext,
+                    &format!(
+                        "-m comment --comment \"masquerade LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {MARK_MASQ}"
+                    ),
+                );
+                out.rule(
+                    &names.ext,
+                    &format!(
+                        "-m comment --comment \"route LOCAL traffic for {name} external destinations\" -m addrtype --src-type LOCAL -j {}",
+                        names.svc
+                    ),
+                );
+            }
+        } else {
+            out.rule(&names.ext, &format!("-m comment --comment \"masquerade traffic for {name} external destinations\" -j {MARK_MASQ}"));
+        }
+        out.rule(&names.ext, &format!("-j {lb}"));
+    }
+    if shape.uses_fw {
+        for net in &plan.load_balancer_source_ranges {
+            out.rule(&names.fw, &format!("-m comment --comment \"{name} loadbalancer IP\" -s {net} -j {}", names.ext));
+        }
+        out.rule(&names.fw, &format!("-m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""));
+    }
+
+    // Endpoint chains: each target once, even when both kinds of traffic use it.
+    let mut seen = BTreeSet::new();
+    let affinity = plan.session_affinity.map(|t| t.as_secs().max(1));
+    for target in plan.cluster_targets.iter().filter(|_| shape.has_cluster).chain(plan.external_targets.iter().filter(|_| shape.separate_external)) {
+        if !seen.insert(*target) {
+            continue;
+        }
+        let sep = endpoint_chain(&plan.name, plan.protocol, target);
+        let comment = if ctx.endpoint_comments { format!("-m comment --comment \"{name}\" ") } else { String::new() };
+        out.rule(&sep, &format!("{comment}-s {} -j {MARK_MASQ}", addr(&target.ip)));
+        let recent = match affinity {
+            Some(_) => format!("-m recent --set --name {sep} --mask {} --rsource ", full_mask(ctx.family)),
+            None => String::new(),
+        };
+        let to = SocketAddr::new(target.ip, target.port);
+        out.rule(&sep, &format!("{comment}{recent}-m {proto} -p {proto} -j DNAT --to-destination {to}"));
+    }
+}
+
+/// The all-ones mask `-m recent` saves with (`--mask 255.255.255.255` for IPv4).
+fn full_mask(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "255.255.255.255",
+        IpFamily::V6 => "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+    }
+}
+
+/// Affinity lookups, then random-probability selection over `targets` in `chain`.
+fn write_balancing(ctx: &Ctx, plan: &ServicePlan, chain: &str, targets: &[Target], out: &mut Section) {
+    let name = plan.name.to_string();
+    let seps: Vec<(String, &Target)> =
+        targets.iter().map(|t| (endpoint_chain(&plan.name, plan.protocol, t), t)).collect();
+    let comment = |t: &Target| {
+        if ctx.endpoint_comments {
+            format!("-m comment --comment \"{name} -> {}\" ", SocketAddr::new(t.ip, t.port))
+        } else {
+            String::new()
+        }
+    };
+    if let Some(timeout) = plan.session_affinity {
+        let seconds = timeout.as_secs().max(1);
+        for (sep, target) in &seps {
+            out.rule(
+                chain,
+                &format!(
+                    "{}-m recent --rcheck --seconds {seconds} --reap --name {sep} --mask {} --rsource -j {sep}",
+                    comment(target),
+                    full_mask(ctx.family)
+                ),
+            );
+        }
+    }
+    let n = seps.len();
+    for (i, (sep, target)) in seps.iter().enumerate() {
+        let left = n - i;
+        if left > 1 {
+            out.rule(
+                chain,
+                &format!("{}-m statistic --mode random --probability {} -j {sep}", comment(target), probability(left)),
+            );
+        } else {
+            out.rule(chain, &format!("{}-j {sep}", comment(target)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_base32_of_sha256() {
+        // sha256("") = e3b0c442 98fc1c14 9afb...; first 80 bits in base32.
+        assert_eq!(hash16(""), "4OYMIQUY7QOBJGX3");
+        assert_eq!(hash16("ns/svc:httptcp").len(), 16);
+    }
+
+    #[test]
+    fn probabilities_are_formatted_like_kube_proxy() {
+        assert_eq!(probability(3), "0.3333333333");
+        assert_eq!(probability(2), "0.5000000000");
+        assert_eq!(probability(7), "0.1428571429");
+    }
+
+    #[test]
+    fn chain_names_fit_iptables() {
+        let name = ServicePortName {
+            namespace: "a-very-long-namespace-name-indeed".into(),
+            name: "and-a-very-long-service-name-as-well".into(),
+            port: "https-metrics".into(),
+            protocol: Protocol::Sctp,
+        };
+        let target = Target { ip: "fd00::1234".parse().expect("ip"), port: 65535, is_local: false };
+        for chain in [service_chain("SVC", &name, Protocol::Sctp), endpoint_chain(&name, Protocol::Sctp, &target)] {
+            assert!(chain.len() <= 28, "{chain}");
+            assert!(is_service_chain(&chain));
+        }
+        assert!(!is_service_chain(SERVICES) && !is_service_chain("KUBE-SVC-ABC"));
+    }
+}

@@ -1,0 +1,167 @@
+//! Golden tests of the iptables renderer: a fixed set of service plans against the expected
+//! `iptables-restore` input in `tests/golden/iptables-*.txt`.
+//!
+//! After an intended change of the output, regenerate the files and review the diff:
+//! `UPDATE_GOLDEN=1 cargo test -p fleetproxy-agent --test iptables_golden`.
+
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
+
+use fleetproxy_agent::{
+    iptables::render::{self, KernelChains, Mode, Table},
+    model::{IpFamily, Protocol, ServicePortName},
+    policy::{NodeSettings, ServicePlan, Target},
+};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test IP")
+}
+
+fn name(ns: &str, svc: &str, port: &str, protocol: Protocol) -> ServicePortName {
+    ServicePortName { namespace: ns.into(), name: svc.into(), port: port.into(), protocol }
+}
+
+fn target(addr: &str, port: u16, is_local: bool) -> Target {
+    Target { ip: ip(addr), port, is_local }
+}
+
+fn plan(name: ServicePortName, family: IpFamily, port: u16, cluster_ip: &str, targets: Vec<Target>) -> ServicePlan {
+    ServicePlan {
+        protocol: name.protocol,
+        name,
+        family,
+        port,
+        node_port: None,
+        cluster_ips: vec![ip(cluster_ip)],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity: None,
+        external_targets: targets.clone(),
+        cluster_targets: targets,
+        external_policy_local: false,
+        internal_policy_local: false,
+    }
+}
+
+/// Every feature at least once.
+fn plans() -> Vec<ServicePlan> {
+    let v4 = IpFamily::V4;
+    let eps = vec![target("10.244.1.5", 8080, true), target("10.244.2.6", 8080, false), target("10.244.3.7", 8080, false)];
+
+    // ClusterIP + NodePort + externalIP, Cluster policy, three endpoints.
+    let mut web = plan(name("shop", "web", "http", Protocol::Tcp), v4, 80, "10.96.0.10", eps.clone());
+    web.node_port = Some(30080);
+    web.external_ips = vec![ip("192.0.2.10")];
+
+    // LoadBalancer with source ranges, Local external policy, ClientIP affinity.
+    let mut lb = plan(name("shop", "lb", "https", Protocol::Tcp), v4, 443, "10.96.0.20", eps.clone());
+    lb.node_port = Some(30443);
+    lb.load_balancer_ips = vec![ip("203.0.113.5")];
+    lb.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().expect("cidr")];
+    lb.external_policy_local = true;
+    lb.external_targets = vec![eps[0]];
+    lb.session_affinity = Some(Duration::from_secs(10800));
+
+    // No endpoints at all: REJECT (UDP: ICMP port unreachable).
+    let dns = plan(name("kube-system", "dns", "dns", Protocol::Udp), v4, 53, "10.96.0.53", vec![]);
+
+    // Local policy and no local endpoint: node port traffic is dropped, cluster traffic served.
+    let mut remote = plan(name("shop", "remote", "", Protocol::Tcp), v4, 8080, "10.96.0.30", vec![eps[1]]);
+    remote.node_port = Some(30081);
+    remote.external_policy_local = true;
+    remote.external_targets = vec![];
+
+    // SCTP, one endpoint.
+    let sctp = plan(name("telco", "sig", "sctp", Protocol::Sctp), v4, 3868, "10.96.0.40", vec![target("10.244.4.8", 3868, false)]);
+
+    // IPv6, two endpoints, affinity.
+    let mut v6 = plan(
+        name("shop", "web", "http", Protocol::Tcp),
+        IpFamily::V6,
+        80,
+        "fd00:96::10",
+        vec![target("fd00:244:1::5", 8080, true), target("fd00:244:2::6", 8080, false)],
+    );
+    v6.session_affinity = Some(Duration::from_secs(60));
+
+    vec![web, lb, dns, remote, sctp, v6]
+}
+
+fn settings() -> NodeSettings {
+    NodeSettings {
+        excluded_cidrs: vec!["10.0.0.0/24".parse().expect("cidr"), "fd00:1::/64".parse().expect("cidr")],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr"), "fd00:244::/48".parse().expect("cidr")],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        node_port_addresses: vec![],
+    }
+}
+
+fn check(file: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(file);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(path.parent().expect("golden dir")).expect("create golden dir");
+        std::fs::write(&path, actual).expect("write golden file");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; run with UPDATE_GOLDEN=1 to create it", path.display()));
+    if expected != actual {
+        let first = expected.lines().zip(actual.lines()).position(|(e, a)| e != a);
+        panic!(
+            "{file} differs (first differing line: {first:?}); run with UPDATE_GOLDEN=1 and review the diff.\n--- actual ---\n{actual}"
+        );
+    }
+}
+
+#[test]
+fn full_sync_ipv4() {
+    let rendered = render::render(IpFamily::V4, &plans(), &settings(), &Mode::Full { existing: &KernelChains::default() });
+    assert_eq!(rendered.lines, rendered.text.lines().count());
+    check("iptables-full-v4.txt", &rendered.text);
+}
+
+#[test]
+fn full_sync_ipv6() {
+    let rendered = render::render(IpFamily::V6, &plans(), &settings(), &Mode::Full { existing: &KernelChains::default() });
+    check("iptables-full-v6.txt", &rendered.text);
+}
+
+/// A full sync over a kernel that already has our jump rules and some stale chains: no jump rule is
+/// added twice, stale chains of ours are deleted.
+#[test]
+fn full_sync_over_existing_state() {
+    let mut existing = KernelChains::default();
+    for jump in render::JUMP_RULES {
+        existing.jumps.insert((jump.table, jump.chain.to_owned(), jump.target.to_owned()));
+    }
+    existing.nat.extend(["FP-SERVICES", "FP-SVC-STALESTALESTALE1", "FP-SEP-STALESTALESTALE2"].map(String::from));
+    existing.filter.extend(["FP-FORWARD", "FP-OLD-CHAIN"].map(String::from));
+    let plans: Vec<ServicePlan> = plans().into_iter().take(1).collect();
+    let rendered = render::render(IpFamily::V4, &plans, &settings(), &Mode::Full { existing: &existing });
+    assert!(!rendered.text.contains("-I "), "jump rules re-added:\n{}", rendered.text);
+    check("iptables-full-existing-v4.txt", &rendered.text);
+    assert_eq!(existing.jumps.iter().filter(|(t, _, _)| *t == Table::Nat).count(), 3);
+}
+
+/// One service's endpoints change and another service goes away: only their chains are written or
+/// deleted; the dispatch chains are rewritten whole.
+#[test]
+fn partial_sync_ipv4() {
+    let before = plans();
+    let full = render::render(IpFamily::V4, &before, &settings(), &Mode::Full { existing: &KernelChains::default() });
+
+    let mut after = before.clone();
+    let web = &mut after[0];
+    web.cluster_targets.pop();
+    web.external_targets.pop();
+    let removed = after.remove(4).name; // telco/sig
+    let changed: BTreeSet<ServicePortName> = [after[0].name.clone(), removed].into();
+    let rendered =
+        render::render(IpFamily::V4, &after, &settings(), &Mode::Partial { changed: &changed, previous: &full.service_chains });
+
+    let untouched = render::service_chain("SVC", &after[1].name, Protocol::Tcp);
+    assert!(!rendered.text.contains(&format!(":{untouched} ")), "unchanged chain declared (flushed)");
+    assert!(rendered.text.contains(&format!("-j {untouched}")), "unchanged service still dispatched");
+    check("iptables-partial-v4.txt", &rendered.text);
+}
