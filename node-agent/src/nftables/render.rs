@@ -305,7 +305,8 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
         base("filter-forward", "filter", "forward", filter.clone(), vec![new(SERVICE_ENDPOINTS_CHECK)]),
         base("filter-output", "filter", "output", filter, vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)]),
         base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
-        base("nat-output", "nat", "output", "dstnat".into(), vec![format!("jump {SERVICES}")]),
+        // nft 1.0.6 knows `dstnat` for prerouting only; -100 is the same priority.
+        base("nat-output", "nat", "output", "-100".into(), vec![format!("jump {SERVICES}")]),
         base("nat-postrouting", "nat", "postrouting", "srcnat".into(), vec![format!("jump {MASQUERADING}")]),
         chain(
             SERVICES,
