@@ -69,6 +69,8 @@ impl<'de> Deserialize<'de> for Cidr {
 
 /// The CEL rules shared by every CIDR-valued field: the API server's `isCIDR` plus our canonical-form
 /// rule (`isCIDR` alone accepts `10.0.0.1/24`, which would silently mean `10.0.0.0/24`).
+/// The message uses `format`, not `+`: the API server estimates the size of `string(<cidr>)` as
+/// unbounded, so a concatenation with it exceeds the CRD's CEL cost budget and the CRD is refused.
 fn cidr_rules() -> serde_json::Value {
     serde_json::json!([
         {
@@ -77,7 +79,7 @@ fn cidr_rules() -> serde_json::Value {
         },
         {
             "rule": "!isCIDR(self) || string(cidr(self).masked()) == self",
-            "messageExpression": "'has host bits set or is not in canonical form: write ' + string(cidr(self).masked())",
+            "messageExpression": "'has host bits set or is not in canonical form: write %s'.format([string(cidr(self).masked())])",
         },
     ])
 }
@@ -158,7 +160,7 @@ impl JsonSchema for NodePortAddress {
                 },
                 {
                     "rule": "self == 'primary' || !isCIDR(self) || string(cidr(self).masked()) == self",
-                    "messageExpression": "'has host bits set or is not in canonical form: write ' + string(cidr(self).masked())",
+                    "messageExpression": "'has host bits set or is not in canonical form: write %s'.format([string(cidr(self).masked())])",
                 },
             ],
         })

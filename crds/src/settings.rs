@@ -138,12 +138,14 @@ fn default_masquerade_bit() -> i32 {
 /// Everything that decides what an agent writes into its node's kernel.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+// Each rule first checks the durations' own grammar (the pattern of `GoDuration`), so that a malformed
+// one is reported only by its field's rule, and not here as a CEL type conversion error.
 #[x_kube(
     validation = Rule::new(
-        "!self.syncPeriod.matches('^[0-9]') || duration(self.syncPeriod) > duration('0s')"
+        r"!self.syncPeriod.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || duration(self.syncPeriod) > duration('0s')"
     ).message("syncPeriod must be longer than 0s"),
     validation = Rule::new(
-        "!self.minSyncPeriod.matches('^[0-9]') || !self.syncPeriod.matches('^[0-9]') || duration(self.minSyncPeriod) <= duration(self.syncPeriod)"
+        r"!self.minSyncPeriod.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || !self.syncPeriod.matches('^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$') || duration(self.syncPeriod) == duration('0s') || duration(self.minSyncPeriod) <= duration(self.syncPeriod)"
     ).message("minSyncPeriod must not be longer than syncPeriod"),
 )]
 pub struct ProxySettings {
