@@ -216,6 +216,9 @@ pub enum Outcome {
     Refused,
     /// Nothing came back in time.
     Timeout,
+    /// A firewall rule of the probing namespace itself stopped the request before it left (EPERM:
+    /// a REJECT or DROP in the OUTPUT path, seen on UDP sends from that namespace).
+    Blocked,
     /// Any other error (unreachable network, setns failure, ...).
     Failed(String),
 }
@@ -235,12 +238,13 @@ fn classify(e: &std::io::Error) -> Outcome {
     match e.kind() {
         K::ConnectionRefused | K::ConnectionReset => Outcome::Refused,
         K::TimedOut | K::WouldBlock => Outcome::Timeout,
+        K::PermissionDenied => Outcome::Blocked,
         _ => Outcome::Failed(e.to_string()),
     }
 }
 
-/// One request from the current thread's namespace.
-fn probe_here(proto: Proto, addr: SocketAddr, timeout: Duration) -> Outcome {
+/// One request from the current thread's namespace (for use inside [`Netns::spawn`]).
+pub fn probe_here(proto: Proto, addr: SocketAddr, timeout: Duration) -> Outcome {
     let result = match proto {
         Proto::Tcp => probe_tcp(addr, timeout),
         Proto::Udp => probe_udp(addr, timeout),
