@@ -190,7 +190,7 @@ fn golden_full_sync() {
 fn golden_partial_sync() {
     let before = render_full(&plans_before(), &settings(), &KernelObjects::default());
     let (after, changed) = plans_after();
-    let partial = render_partial(&before.state, &after, &changed);
+    let partial = render_partial(before.state.clone(), &after, &changed);
     assert!(!partial.full);
     golden("nftables-partial.nft", &partial.script);
     // The state a partial sync leads to is the one a full rendering of the same plans has.
@@ -214,7 +214,7 @@ fn golden_full_sync_deleting_stale_objects() {
 fn unchanged_services_render_nothing() {
     let before = render_full(&plans_before(), &settings(), &KernelObjects::default());
     let changed = plans_before().into_iter().map(|p| p.name).collect();
-    let partial = render_partial(&before.state, &plans_before(), &changed);
+    let partial = render_partial(before.state.clone(), &plans_before(), &changed);
     assert!(partial.is_empty(), "{}", partial.script);
 }
 
@@ -341,7 +341,7 @@ fn kernel_accepts_full_and_partial_scripts() {
     ns.apply(&again.script);
 
     let (after, changed) = plans_after();
-    let partial = render_partial(&full.state, &after, &changed);
+    let partial = render_partial(full.state.clone(), &after, &changed);
     ns.check(&partial.script);
     ns.apply(&partial.script);
 

@@ -43,19 +43,21 @@ impl NftablesProxier {
         self.applied.as_ref()
     }
 
-    /// Renders the next sync: partial when the changes allow it and the kernel's contents are
-    /// known, full otherwise (reading the names of our objects from the kernel if needed).
+    /// Renders the next sync from what was applied before (consumed: it becomes the new state):
+    /// partial when the changes allow it and the kernel's contents are known, full otherwise
+    /// (reading the names of our objects from the kernel if they are not known).
     async fn render(
         &self,
+        previous: Option<RenderedState>,
         plans: &[ServicePlan],
         settings: &NodeSettings,
         changes: &Changes,
     ) -> Result<Rendering, DataPlaneError> {
-        match (&self.applied, changes) {
-            (Some(applied), Changes::Services(changed)) if applied.settings == *settings => {
-                Ok(render_partial(applied, plans, changed))
+        match (previous, changes) {
+            (Some(previous), Changes::Services(changed)) if previous.settings == *settings => {
+                Ok(render_partial(previous, plans, changed))
             }
-            (Some(applied), _) => Ok(render_full(plans, settings, &applied.objects())),
+            (Some(previous), _) => Ok(render_full(plans, settings, &previous.objects())),
             (None, _) => {
                 let existing = self.kernel_objects().await?;
                 Ok(render_full(plans, settings, &existing))
@@ -69,20 +71,16 @@ impl NftablesProxier {
         readback::our_tables(&json).map_err(|message| DataPlaneError::ReadBack { what: "nftables tables".into(), message })
     }
 
-    /// The names of our chains, sets and maps in the kernel, per family.
+    /// The names of our chains, sets and maps in the kernel, per family. Listing declarations
+    /// only (`list chains`, `list sets`, `list maps`, terse) is far cheaper than listing the table
+    /// with its rules.
     async fn kernel_objects(&self) -> Result<KernelObjects, DataPlaneError> {
-        let mut objects = KernelObjects::default();
-        for family in self.our_tables().await? {
-            let json = self.runner.run(NFT, &["-j", "-t", "list", "table", &family, TABLE], None).await?;
-            let table = readback::table_objects(&json)
-                .map_err(|message| DataPlaneError::ReadBack { what: format!("table {family} {TABLE}"), message })?;
-            match family.as_str() {
-                "ip" => objects.v4 = table,
-                "ip6" => objects.v6 = table,
-                _ => {}
-            }
+        let mut listings = Vec::new();
+        for kind in ["chains", "sets", "maps"] {
+            listings.push(self.runner.run(NFT, &["-j", "-t", "list", kind], None).await?);
         }
-        Ok(objects)
+        readback::kernel_objects(&listings)
+            .map_err(|message| DataPlaneError::ReadBack { what: "nftables objects".into(), message })
     }
 }
 
@@ -111,24 +109,16 @@ impl DataPlane for NftablesProxier {
             });
         }
         let started = Instant::now();
-        let rendering = match self.render(plans, settings, changes).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.applied = None;
-                return Err(e);
-            }
-        };
+        // Until this sync succeeds, what the kernel holds is not known for sure.
+        let previous = self.applied.take();
+        let rendering = self.render(previous, plans, settings, changes).await?;
         let render = started.elapsed();
 
         let started = Instant::now();
         if !rendering.is_empty() {
             let applied = self.runner.run(NFT, &["-f", "-"], Some(rendering.script.as_bytes())).await;
-            if let Err(e) = applied {
-                // The transaction was refused as a whole, but what the kernel holds is no longer
-                // certain to match what we think: the next sync must be a full one.
-                self.applied = None;
-                return Err(e);
-            }
+            // A refused transaction leaves `applied` empty: the next sync is a full one.
+            applied?;
         }
         let apply = started.elapsed();
         self.applied = Some(rendering.state);

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::render::{TABLE, TableObjects};
+use super::render::{KernelObjects, TABLE};
 
 /// The objects of the `nftables` array of `nft -j` output, in order.
 fn objects(json: &str) -> Result<Vec<Value>, String> {
@@ -47,20 +47,34 @@ pub fn count_rules(json: &str) -> Result<u64, String> {
     Ok(count)
 }
 
-/// The names of the chains, sets and maps of one table (from `nft -j -t list table ...`).
-pub fn table_objects(json: &str) -> Result<TableObjects, String> {
-    let mut table = TableObjects::default();
-    let name = |v: &Value| v.get("name").and_then(Value::as_str).map(str::to_owned);
-    for object in objects(json)? {
-        if let Some(n) = object.get("chain").and_then(name) {
-            table.chains.insert(n);
-        } else if let Some(n) = object.get("set").and_then(name) {
-            table.sets.insert(n);
-        } else if let Some(n) = object.get("map").and_then(name) {
-            table.maps.insert(n);
+/// The names of our chains, sets and maps in both families, from `nft -j` listings of chains,
+/// sets and maps (of every table: only ours are kept).
+pub fn kernel_objects(listings: &[String]) -> Result<KernelObjects, String> {
+    let mut kernel = KernelObjects::default();
+    for listing in listings {
+        for object in objects(listing)? {
+            let (kind, value) = match object.as_object().and_then(|o| o.iter().next()) {
+                Some((kind, value)) => (kind.as_str(), value),
+                None => continue,
+            };
+            if value.get("table").and_then(Value::as_str) != Some(TABLE) {
+                continue;
+            }
+            let table = match value.get("family").and_then(Value::as_str) {
+                Some("ip") => &mut kernel.v4,
+                Some("ip6") => &mut kernel.v6,
+                _ => continue,
+            };
+            let Some(name) = value.get("name").and_then(Value::as_str).map(str::to_owned) else { continue };
+            match kind {
+                "chain" => table.chains.insert(name),
+                "set" => table.sets.insert(name),
+                "map" => table.maps.insert(name),
+                _ => false,
+            };
         }
     }
-    Ok(table)
+    Ok(kernel)
 }
 
 #[cfg(test)]
@@ -88,11 +102,16 @@ mod tests {
     }
 
     #[test]
-    fn lists_object_names() {
-        let t = table_objects(LISTING).expect("parses");
-        assert!(t.chains.contains("services"));
-        assert!(t.sets.contains("affinity-X") && t.sets.contains("excluded-cidrs"));
-        assert!(t.maps.contains("service-ips") && t.maps.contains("firewall-ips"));
+    fn lists_our_object_names_per_family() {
+        let chains = r#"{"nftables": [{"metainfo": {}},
+            {"chain": {"family": "ip", "table": "fleetproxy", "name": "services"}},
+            {"chain": {"family": "ip6", "table": "fleetproxy", "name": "services6"}},
+            {"chain": {"family": "ip", "table": "nat", "name": "POSTROUTING"}}]}"#;
+        let k = kernel_objects(&[LISTING.to_owned(), chains.to_owned()]).expect("parses");
+        assert_eq!(k.v4.chains.iter().collect::<Vec<_>>(), ["services"]);
+        assert_eq!(k.v6.chains.iter().collect::<Vec<_>>(), ["services6"]);
+        assert!(k.v4.sets.contains("affinity-X") && k.v4.sets.contains("excluded-cidrs"));
+        assert!(k.v4.maps.contains("service-ips") && k.v4.maps.contains("firewall-ips"));
     }
 
     #[test]

@@ -596,13 +596,16 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
 /// new or rewritten chains, new sets, added and removed map elements, deleted chains and sets.
 /// Everything else is left as it is. The settings must be those of `previous` (a settings change
 /// needs a full sync).
+///
+/// Takes the previous state by value: it becomes the new one, updated in place, so that a partial
+/// sync costs what the changed services cost, not a copy of everything.
 pub fn render_partial(
-    previous: &RenderedState,
+    previous: RenderedState,
     plans: &[ServicePlan],
     changed: &BTreeSet<ServicePortName>,
 ) -> Rendering {
     let fresh = render_services(plans, &previous.settings, Some(changed));
-    let mut state = previous.clone();
+    let mut state = previous;
     let mut script = Script::default();
     let empty = ServiceRules::default();
 
@@ -619,7 +622,7 @@ pub fn render_partial(
         let mut delete_sets = Vec::new();
 
         for key in &keys {
-            let old = previous.services.get(key).unwrap_or(&empty);
+            let old = state.services.get(key).unwrap_or(&empty);
             let new = fresh.get(key).unwrap_or(&empty);
             for (name, declaration) in &new.sets {
                 if !old.sets.contains_key(name) {
@@ -645,11 +648,6 @@ pub fn render_partial(
             }
             delete_chains.extend(old.chains.keys().filter(|c| !new.chains.contains_key(*c)));
             delete_sets.extend(old.sets.keys().filter(|s| !new.sets.contains_key(*s)));
-
-            match fresh.get(key) {
-                Some(rules) => state.services.insert(key.clone(), rules.clone()),
-                None => state.services.remove(key),
-            };
         }
 
         for (name, declaration) in add_sets {
@@ -684,5 +682,13 @@ pub fn render_partial(
             script.line(format_args!("delete set {ip} {TABLE} {name}"));
         }
     }
+
+    // The new state: the changed service ports' rules replace (or remove) their old ones.
+    for family in Family::BOTH {
+        for name in changed {
+            state.services.remove(&(family.0, name.clone()));
+        }
+    }
+    state.services.extend(fresh);
     Rendering { script: script.text, lines: script.lines, state, full: false }
 }
