@@ -127,6 +127,11 @@ impl ChangeTracker {
         &self.config
     }
 
+    /// What changed so far since the last [`take_changes`](Self::take_changes), without taking it.
+    pub fn pending(&self) -> &TrackedChanges {
+        &self.pending
+    }
+
     /// Whether anything changed since the last [`take_changes`](Self::take_changes).
     pub fn has_changes(&self) -> bool {
         !self.pending.is_empty()
