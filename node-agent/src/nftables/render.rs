@@ -529,19 +529,26 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             }
         }
 
-        // Declare every chain before any rule jumps to one.
+        // Declare every chain before any rule jumps to one. Chains that exist already survive
+        // `flush table` and are not redeclared: redeclaring thousands of chains costs the kernel
+        // more than the rules themselves. (If `existing` is wrong, the transaction fails, and the
+        // next full sync reads the names from the kernel.) Base chains are always declared.
+        let existing = existing.get(family.0);
         let statics = static_chains(family, settings);
         let mut wanted_chains: BTreeSet<&str> = BTreeSet::new();
         for chain in &statics {
             match &chain.hook {
                 Some(hook) => script.line(format_args!("add chain {ip} {TABLE} {} {{ {hook} }}", chain.name)),
+                None if existing.chains.contains(chain.name) => {}
                 None => script.line(format_args!("add chain {ip} {TABLE} {}", chain.name)),
             }
             wanted_chains.insert(chain.name);
         }
         for rules in &of_family {
             for name in rules.chains.keys() {
-                script.line(format_args!("add chain {ip} {TABLE} {name}"));
+                if !existing.chains.contains(name) {
+                    script.line(format_args!("add chain {ip} {TABLE} {name}"));
+                }
                 wanted_chains.insert(name);
             }
         }
@@ -572,7 +579,6 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
 
         // What the kernel holds and we no longer want. `flush table` emptied every chain and the
         // maps were flushed, so nothing refers to these any more.
-        let existing = existing.get(family.0);
         for chain in existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())) {
             script.line(format_args!("delete chain {ip} {TABLE} {chain}"));
         }
