@@ -165,3 +165,20 @@ fn partial_sync_ipv4() {
     assert!(rendered.text.contains(&format!("-j {untouched}")), "unchanged service still dispatched");
     check("iptables-partial-v4.txt", &rendered.text);
 }
+
+/// Settings variants: several cluster CIDRs (masquerade through the off-cluster chain) and node
+/// ports restricted to some addresses; then masquerade-all.
+#[test]
+fn settings_variants_ipv4() {
+    let plans: Vec<ServicePlan> = plans().into_iter().take(3).collect();
+    let mut settings = settings();
+    settings.cluster_cidrs.push("10.245.0.0/16".parse().expect("cidr"));
+    settings.node_port_addresses = vec!["192.168.1.0/24".parse().expect("cidr")];
+    let rendered = render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    check("iptables-cidrs-nodeport-addresses-v4.txt", &rendered.text);
+
+    settings.masquerade_all = true;
+    let rendered = render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    assert!(!rendered.text.contains(render::MARK_MASQ_OFF_CLUSTER));
+    check("iptables-masquerade-all-v4.txt", &rendered.text);
+}

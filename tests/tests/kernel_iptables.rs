@@ -336,7 +336,10 @@ async fn cleanup_removes_ours_and_keeps_foreign_rules() {
     web.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().expect("cidr")];
     let six = plan("six", Protocol::Udp, "fd00:96::30", 53, env.targets(&[0], true, UDP_PORT));
     let empty = plan("empty", Protocol::Tcp, "10.96.0.31", 80, vec![]);
-    env.sync(&[web, six, empty], &Changes::Full).await;
+    // SCTP rules load too (no SCTP traffic: the kernel module may be missing in a container).
+    let mut sctp = plan("sig", Protocol::Sctp, "10.96.0.32", 3868, env.targets(&[0], false, 3868));
+    sctp.session_affinity = Some(Duration::from_secs(30));
+    env.sync(&[web, six, empty, sctp], &Changes::Full).await;
     assert!(env.proxier.rule_count().await.expect("count") > 20);
 
     env.proxier.cleanup().await.expect("cleanup");
