@@ -21,3 +21,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "fleetproxy.agentName" -}}
 {{ .Release.Name }}-agent
 {{- end }}
+
+{{/* The port of operator.metricsBindAddress (host:port or [v6]:port). */}}
+{{- define "fleetproxy.operatorPort" -}}
+{{ .Values.operator.metricsBindAddress | splitList ":" | last | int }}
+{{- end }}
