@@ -71,7 +71,7 @@ fn settings() -> NodeSettings {
 
 /// Every feature once: cluster policy with node port, external and load-balancer IPs and source
 /// ranges; UDP with affinity; Local policy with local and remote endpoints; SCTP without endpoints;
-/// Local policy without local endpoints; an IPv6 twin.
+/// Local policy without local endpoints; an IPv6 twin; SCTP with an endpoint.
 fn plans_before() -> Vec<ServicePlan> {
     let web_targets = vec![target("10.244.1.5", 8080, true), target("10.244.2.5", 8080, false), target("10.244.3.5", 8080, false)];
     let web = ServicePlan {
@@ -121,7 +121,12 @@ fn plans_before() -> Vec<ServicePlan> {
         external_targets: vec![target("fd00:10::1:5", 8080, true), target("fd00:10::2:5", 8080, false)],
         ..plan(name("ns1", "web", "http", Protocol::Tcp), IpFamily::V6, 80)
     };
-    vec![web, dns, local, empty, remote_only, web6]
+    let sctp = ServicePlan {
+        cluster_ips: vec![ip("10.96.0.132")],
+        cluster_targets: vec![target("10.244.1.13", 3868, true)],
+        ..plan(name("ns2", "diameter", "", Protocol::Sctp), IpFamily::V4, 3868)
+    };
+    vec![web, dns, local, empty, remote_only, web6, sctp]
 }
 
 /// `web` loses an endpoint and gains one (both families), `empty` is gone, `fresh` is new; the rest
