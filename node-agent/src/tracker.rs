@@ -563,7 +563,7 @@ fn slice_endpoints(owner: &ServiceRef, slice: &EndpointSlice, node_name: &str) -
                 zone_hints,
             });
         }
-        out.entry(name).or_insert_with(Vec::new).extend(endpoints);
+        out.entry(name).or_default().extend(endpoints);
     }
     out
 }

@@ -394,9 +394,9 @@ const IPS: [&str; 6] = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "fd00::1", "fd00::2"
 
 #[derive(Clone, Debug)]
 enum Event {
-    ApplyService(Service),
+    ApplyService(Box<Service>),
     DeleteService(usize),
-    ApplySlice(EndpointSlice),
+    ApplySlice(Box<EndpointSlice>),
     DeleteSlice(usize),
     Relist,
 }
@@ -449,9 +449,9 @@ fn arb_slice() -> impl Strategy<Value = EndpointSlice> {
 
 fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        3 => arb_service().prop_map(Event::ApplyService),
+        3 => arb_service().prop_map(|s| Event::ApplyService(Box::new(s))),
         1 => (0..NAMES.len()).prop_map(Event::DeleteService),
-        4 => arb_slice().prop_map(Event::ApplySlice),
+        4 => arb_slice().prop_map(|s| Event::ApplySlice(Box::new(s))),
         1 => (0..NAMES.len() * 2).prop_map(Event::DeleteSlice),
         1 => Just(Event::Relist),
     ]
@@ -471,7 +471,7 @@ proptest! {
             match event {
                 Event::ApplyService(svc) => {
                     incremental.apply_service(&svc);
-                    services.insert(svc.metadata.name.clone().unwrap_or_default(), svc);
+                    services.insert(svc.metadata.name.clone().unwrap_or_default(), *svc);
                 }
                 Event::DeleteService(index) => {
                     if let Some(svc) = services.remove(NAMES[index]) {
@@ -480,7 +480,7 @@ proptest! {
                 }
                 Event::ApplySlice(s) => {
                     incremental.apply_slice(&s);
-                    slices.insert(s.metadata.name.clone().unwrap_or_default(), s);
+                    slices.insert(s.metadata.name.clone().unwrap_or_default(), *s);
                 }
                 Event::DeleteSlice(index) => {
                     if let Some(s) = slices.remove(&slice_name(index)) {
