@@ -14,6 +14,7 @@
 //! Every test names what it creates with [`unique_name`] and deletes it again, so tests neither
 //! collide with each other nor depend on what an earlier run left behind.
 
+pub mod fleet;
 pub mod netns;
 
 use std::{

@@ -174,6 +174,22 @@ impl Netns {
         }
     }
 
+    /// Starts a server on `addr` inside this namespace that answers every TCP connection or UDP
+    /// datagram with `name`; returns once it listens. It runs until the [`Server`] is dropped.
+    pub fn serve(&self, name: &str, proto: Proto, addr: SocketAddr) -> Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stop);
+        let reply = name.to_owned();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let thread = self.spawn(move || serve_here(proto, addr, &reply, &stop_flag, &bound_tx))?;
+        let server = Server { stop, thread: Some(thread) };
+        match bound_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(e)) => bail!("server {name} on {addr}: {e}"),
+            Err(_) => bail!("server {name} on {addr} did not start"),
+        }
+    }
+
     /// `count` requests to `addr` from this namespace, each from a new socket (new source port).
     pub fn probe_many(&self, proto: Proto, addr: SocketAddr, count: usize, timeout: Duration) -> Vec<Outcome> {
         match self.enter(move || (0..count).map(|_| probe_here(proto, addr, timeout)).collect()) {
@@ -299,9 +315,20 @@ impl Host {
     }
 }
 
-struct Server {
+/// A TCP or UDP server started with [`Netns::serve`]: answers every connection or datagram with a
+/// name. Dropping it stops it.
+pub struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<NsThread<()>>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// A node namespace with pods and clients around it. Dropping the lab stops its servers and deletes
@@ -423,18 +450,7 @@ impl Lab {
     /// datagram with the host's name. It runs until the lab is dropped.
     pub fn serve(&mut self, host: &Host, proto: Proto, port: u16) -> Result<()> {
         for addr in [IpAddr::from(host.v4), IpAddr::from(host.v6)] {
-            let stop = Arc::new(AtomicBool::new(false));
-            let name = host.name.clone();
-            let stop_flag = Arc::clone(&stop);
-            let addr = SocketAddr::new(addr, port);
-            let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-            let thread = host.netns.spawn(move || serve_here(proto, addr, &name, &stop_flag, &bound_tx))?;
-            self.servers.push(Server { stop, thread: Some(thread) });
-            match bound_rx.recv_timeout(Duration::from_secs(5)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => bail!("server {} on {addr}: {e}", host.name),
-                Err(_) => bail!("server {} on {addr} did not start", host.name),
-            }
+            self.servers.push(host.netns.serve(&host.name, proto, SocketAddr::new(addr, port))?);
         }
         Ok(())
     }
