@@ -60,13 +60,13 @@ build() {
 
 set_dir() {
     DIR="${1:-${FLEETPROXY_STATE:-/tmp/fleetproxy-controlplane}}"
-    mkdir -p "$DIR"
-    DIR="$(cd "$DIR" && pwd)"
+    [[ "$DIR" == /* ]] || DIR="$PWD/$DIR"
     KUBECONFIG_PATH="$DIR/kubeconfig"
 }
 
 # Serialises start and stop on one state directory (fd 9 is closed in every child we leave running).
 lock() {
+    mkdir -p "$DIR"
     exec 9>"$DIR/.lock"
     flock 9
 }
@@ -296,7 +296,7 @@ case "${1:-}" in
         echo "export KUBECONFIG=$KUBECONFIG_PATH"
         ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,/^set /p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
         exit 2
         ;;
 esac
