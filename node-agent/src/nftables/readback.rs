@@ -38,10 +38,10 @@ pub fn count_rules(json: &str) -> Result<u64, String> {
     for object in objects(json)? {
         if object.get("rule").is_some() {
             count += 1;
-        } else if let Some(set) = object.get("map").or_else(|| object.get("set")) {
-            if !is_dynamic(set) {
-                count += set.get("elem").and_then(Value::as_array).map_or(0, |e| e.len() as u64);
-            }
+        } else if let Some(set) = object.get("map").or_else(|| object.get("set"))
+            && !is_dynamic(set)
+        {
+            count += set.get("elem").and_then(Value::as_array).map_or(0, |e| e.len() as u64);
         }
     }
     Ok(count)
