@@ -24,7 +24,13 @@ fn target(addr: &str, port: u16, is_local: bool) -> Target {
     Target { ip: ip(addr), port, is_local }
 }
 
-fn plan(name: ServicePortName, family: IpFamily, port: u16, cluster_ip: &str, targets: Vec<Target>) -> ServicePlan {
+fn plan(
+    name: ServicePortName,
+    family: IpFamily,
+    port: u16,
+    cluster_ip: &str,
+    targets: Vec<Target>,
+) -> ServicePlan {
     ServicePlan {
         protocol: name.protocol,
         name,
@@ -46,7 +52,11 @@ fn plan(name: ServicePortName, family: IpFamily, port: u16, cluster_ip: &str, ta
 /// Every feature at least once.
 fn plans() -> Vec<ServicePlan> {
     let v4 = IpFamily::V4;
-    let eps = vec![target("10.244.1.5", 8080, true), target("10.244.2.6", 8080, false), target("10.244.3.7", 8080, false)];
+    let eps = vec![
+        target("10.244.1.5", 8080, true),
+        target("10.244.2.6", 8080, false),
+        target("10.244.3.7", 8080, false),
+    ];
 
     // ClusterIP + NodePort + externalIP, Cluster policy, three endpoints.
     let mut web = plan(name("shop", "web", "http", Protocol::Tcp), v4, 80, "10.96.0.10", eps.clone());
@@ -72,7 +82,13 @@ fn plans() -> Vec<ServicePlan> {
     remote.external_targets = vec![];
 
     // SCTP, one endpoint.
-    let sctp = plan(name("telco", "sig", "sctp", Protocol::Sctp), v4, 3868, "10.96.0.40", vec![target("10.244.4.8", 3868, false)]);
+    let sctp = plan(
+        name("telco", "sig", "sctp", Protocol::Sctp),
+        v4,
+        3868,
+        "10.96.0.40",
+        vec![target("10.244.4.8", 3868, false)],
+    );
 
     // IPv6, two endpoints, affinity.
     let mut v6 = plan(
@@ -116,14 +132,24 @@ fn check(file: &str, actual: &str) {
 
 #[test]
 fn full_sync_ipv4() {
-    let rendered = render::render(IpFamily::V4, &plans(), &settings(), &Mode::Full { existing: &KernelChains::default() });
+    let rendered = render::render(
+        IpFamily::V4,
+        &plans(),
+        &settings(),
+        &Mode::Full { existing: &KernelChains::default() },
+    );
     assert_eq!(rendered.lines, rendered.text.lines().count());
     check("iptables-full-v4.txt", &rendered.text);
 }
 
 #[test]
 fn full_sync_ipv6() {
-    let rendered = render::render(IpFamily::V6, &plans(), &settings(), &Mode::Full { existing: &KernelChains::default() });
+    let rendered = render::render(
+        IpFamily::V6,
+        &plans(),
+        &settings(),
+        &Mode::Full { existing: &KernelChains::default() },
+    );
     check("iptables-full-v6.txt", &rendered.text);
 }
 
@@ -135,7 +161,9 @@ fn full_sync_over_existing_state() {
     for jump in render::JUMP_RULES {
         existing.jumps.insert((jump.table, jump.chain.to_owned(), jump.target.to_owned()));
     }
-    existing.nat.extend(["FP-SERVICES", "FP-SVC-STALESTALESTALE1", "FP-SEP-STALESTALESTALE2"].map(String::from));
+    existing
+        .nat
+        .extend(["FP-SERVICES", "FP-SVC-STALESTALESTALE1", "FP-SEP-STALESTALESTALE2"].map(String::from));
     existing.filter.extend(["FP-FORWARD", "FP-OLD-CHAIN"].map(String::from));
     let plans: Vec<ServicePlan> = plans().into_iter().take(1).collect();
     let rendered = render::render(IpFamily::V4, &plans, &settings(), &Mode::Full { existing: &existing });
@@ -149,7 +177,12 @@ fn full_sync_over_existing_state() {
 #[test]
 fn partial_sync_ipv4() {
     let before = plans();
-    let full = render::render(IpFamily::V4, &before, &settings(), &Mode::Full { existing: &KernelChains::default() });
+    let full = render::render(
+        IpFamily::V4,
+        &before,
+        &settings(),
+        &Mode::Full { existing: &KernelChains::default() },
+    );
 
     let mut after = before.clone();
     let web = &mut after[0];
@@ -157,8 +190,12 @@ fn partial_sync_ipv4() {
     web.external_targets.pop();
     let removed = after.remove(4).name; // telco/sig
     let changed: BTreeSet<ServicePortName> = [after[0].name.clone(), removed].into();
-    let rendered =
-        render::render(IpFamily::V4, &after, &settings(), &Mode::Partial { changed: &changed, previous: &full.service_chains });
+    let rendered = render::render(
+        IpFamily::V4,
+        &after,
+        &settings(),
+        &Mode::Partial { changed: &changed, previous: &full.service_chains },
+    );
 
     let untouched = render::service_chain("SVC", &after[1].name, Protocol::Tcp);
     assert!(!rendered.text.contains(&format!(":{untouched} ")), "unchanged chain declared (flushed)");
@@ -174,11 +211,13 @@ fn settings_variants_ipv4() {
     let mut settings = settings();
     settings.cluster_cidrs.push("10.245.0.0/16".parse().expect("cidr"));
     settings.node_port_addresses = vec!["192.168.1.0/24".parse().expect("cidr")];
-    let rendered = render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    let rendered =
+        render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
     check("iptables-cidrs-nodeport-addresses-v4.txt", &rendered.text);
 
     settings.masquerade_all = true;
-    let rendered = render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    let rendered =
+        render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
     assert!(!rendered.text.contains(render::MARK_MASQ_OFF_CLUSTER));
     check("iptables-masquerade-all-v4.txt", &rendered.text);
 }

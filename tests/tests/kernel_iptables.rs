@@ -51,7 +51,8 @@ impl Env {
                 pod
             })
             .collect();
-        let clients = ["client-a", "client-b"].iter().map(|n| lab.add_client(n).expect("add client")).collect();
+        let clients =
+            ["client-a", "client-b"].iter().map(|n| lab.add_client(n).expect("add client")).collect();
         let settings = NodeSettings {
             excluded_cidrs: vec![],
             cluster_cidrs: vec![IpNet::V4(lab.pod_cidr_v4()), IpNet::V6(lab.pod_cidr_v6())],
@@ -161,9 +162,16 @@ async fn cluster_ip_node_port_external_ip_and_load_balancer_ip() {
     // The count is read back from the kernel: every rule of ours, and the 11 jump rules.
     let count = env.proxier.rule_count().await.expect("rule count");
     let save = env.save(false) + &env.save(true);
-    let ours = save.lines().filter(|l| l.starts_with("-A FP-") || (l.starts_with("-A ") && l.contains(" -j FP-"))).count();
+    let ours = save
+        .lines()
+        .filter(|l| l.starts_with("-A FP-") || (l.starts_with("-A ") && l.contains(" -j FP-")))
+        .count();
     assert_eq!(count, ours as u64);
-    assert_eq!(save.lines().filter(|l| !l.starts_with("-A FP-") && l.contains(" -j FP-")).count(), 22, "{save}");
+    assert_eq!(
+        save.lines().filter(|l| !l.starts_with("-A FP-") && l.contains(" -j FP-")).count(),
+        22,
+        "{save}"
+    );
 }
 
 #[tokio::test]
@@ -265,7 +273,11 @@ async fn excluded_cidr_is_not_intercepted() {
     let to = addr(&pod3, TCP_PORT);
 
     env.sync(std::slice::from_ref(&svc), &Changes::Full).await;
-    assert_eq!(answered(env.node().probe(Proto::Tcp, to, TIMEOUT)), "pod-1", "the rule intercepts without exclusion");
+    assert_eq!(
+        answered(env.node().probe(Proto::Tcp, to, TIMEOUT)),
+        "pod-1",
+        "the rule intercepts without exclusion"
+    );
 
     env.settings.excluded_cidrs = vec![format!("{pod3}/24").parse().expect("cidr")];
     env.sync(&[svc], &Changes::Full).await;
@@ -297,9 +309,14 @@ async fn partial_update_changes_only_what_changed() {
     let before = env.save(false);
 
     // a moves to pod-3 only; c goes away; b is untouched.
-    let a2 = ServicePlan { cluster_targets: env.targets(&[2], false, TCP_PORT), external_targets: vec![], ..a };
+    let a2 =
+        ServicePlan { cluster_targets: env.targets(&[2], false, TCP_PORT), external_targets: vec![], ..a };
     let changed: BTreeSet<ServicePortName> = [a2.name.clone(), c.name.clone()].into();
-    let stats = env.proxier.sync(&[a2, b.clone()], &env.settings, &Changes::Services(changed)).await.expect("partial sync");
+    let stats = env
+        .proxier
+        .sync(&[a2, b.clone()], &env.settings, &Changes::Services(changed))
+        .await
+        .expect("partial sync");
     assert!(!stats.full);
 
     let counts = tally(&env.node().probe_many(Proto::Tcp, addr("10.96.0.21", 80), 20, TIMEOUT));
@@ -323,9 +340,13 @@ async fn partial_update_changes_only_what_changed() {
 async fn cleanup_removes_ours_and_keeps_foreign_rules() {
     let mut env = Env::new(1);
     for (tool, src) in [("iptables", "198.51.100.7"), ("ip6tables", "2001:db8::7")] {
-        env.node().run(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", src, "-j", "ACCEPT"]).expect("foreign nat rule");
+        env.node()
+            .run(tool, &["-t", "nat", "-A", "POSTROUTING", "-s", src, "-j", "ACCEPT"])
+            .expect("foreign nat rule");
         env.node().run(tool, &["-t", "filter", "-N", "FOREIGN"]).expect("foreign chain");
-        env.node().run(tool, &["-t", "filter", "-A", "FOREIGN", "-s", src, "-j", "DROP"]).expect("foreign chain rule");
+        env.node()
+            .run(tool, &["-t", "filter", "-A", "FOREIGN", "-s", src, "-j", "DROP"])
+            .expect("foreign chain rule");
         env.node().run(tool, &["-t", "filter", "-A", "INPUT", "-j", "FOREIGN"]).expect("foreign jump");
     }
     let before: Vec<String> = [false, true].map(|v6| env.save(v6)).to_vec();
@@ -347,7 +368,9 @@ async fn cleanup_removes_ours_and_keeps_foreign_rules() {
     for (v6, before) in [false, true].into_iter().zip(before) {
         let after = env.save(v6);
         assert!(!after.contains("FP-"), "left behind:\n{after}");
-        let rules = |s: &str| -> Vec<String> { s.lines().filter(|l| !l.starts_with('#')).map(String::from).collect() };
+        let rules = |s: &str| -> Vec<String> {
+            s.lines().filter(|l| !l.starts_with('#')).map(String::from).collect()
+        };
         assert_eq!(rules(&before), rules(&after), "foreign rules changed");
     }
     // Nothing to do the second time.
@@ -373,7 +396,11 @@ async fn resync_after_restart_keeps_traffic_flowing() {
             .spawn(move || {
                 let mut outcomes = Vec::new();
                 while !stop.load(Ordering::Relaxed) || outcomes.len() < 20 {
-                    outcomes.push(fleetproxy_tests::netns::probe_here(Proto::Tcp, addr("10.96.0.40", 80), TIMEOUT));
+                    outcomes.push(fleetproxy_tests::netns::probe_here(
+                        Proto::Tcp,
+                        addr("10.96.0.40", 80),
+                        TIMEOUT,
+                    ));
                 }
                 outcomes
             })
@@ -399,9 +426,19 @@ async fn scale_1000_services_x_10_endpoints() {
     let plans: Vec<ServicePlan> = (0..1000u32)
         .map(|i| {
             let targets = (0..10u32)
-                .map(|j| Target { ip: IpAddr::from([10, 200 + (j as u8), (i / 256) as u8, (i % 256) as u8]), port: 8080, is_local: false })
+                .map(|j| Target {
+                    ip: IpAddr::from([10, 200 + (j as u8), (i / 256) as u8, (i % 256) as u8]),
+                    port: 8080,
+                    is_local: false,
+                })
                 .collect();
-            let mut p = plan(&format!("svc-{i}"), Protocol::Tcp, &format!("10.97.{}.{}", i / 256, i % 256), 80, targets);
+            let mut p = plan(
+                &format!("svc-{i}"),
+                Protocol::Tcp,
+                &format!("10.97.{}.{}", i / 256, i % 256),
+                80,
+                targets,
+            );
             p.node_port = Some(30000 + u16::try_from(i).expect("port"));
             p
         })
@@ -417,7 +454,12 @@ async fn scale_1000_services_x_10_endpoints() {
 
     let started = Instant::now();
     let again = env.proxier.sync(&plans, &env.settings, &Changes::Full).await.expect("second full sync");
-    println!("second full sync over existing rules: render {:?}, apply {:?}, total {:?}", again.render, again.apply, started.elapsed());
+    println!(
+        "second full sync over existing rules: render {:?}, apply {:?}, total {:?}",
+        again.render,
+        again.apply,
+        started.elapsed()
+    );
 
     let mut changed_plans = plans.clone();
     changed_plans[500].cluster_targets.truncate(5);

@@ -80,7 +80,9 @@ impl IptablesProxier {
         if on_path(tools(IpFamily::V6).restore) {
             families.push(IpFamily::V6);
         } else {
-            tracing::warn!("ip6tables-restore not found: IPv6 services will not be programmed in iptables mode");
+            tracing::warn!(
+                "ip6tables-restore not found: IPv6 services will not be programmed in iptables mode"
+            );
         }
         Self::with_families(runner, families)
     }
@@ -98,15 +100,20 @@ impl IptablesProxier {
     /// `iptables-save -t <table>` of one family, parsed.
     async fn dump(&self, family: IpFamily, table: Table) -> Result<TableDump, DataPlaneError> {
         let tool = tools(family).save;
-        let text = self.runner.run(tool, &["-t", table.as_str()], None).await.map_err(|e| DataPlaneError::ReadBack {
-            what: format!("{} {} table", family_name(family), table.as_str()),
-            message: e.to_string(),
+        let text = self.runner.run(tool, &["-t", table.as_str()], None).await.map_err(|e| {
+            DataPlaneError::ReadBack {
+                what: format!("{} {} table", family_name(family), table.as_str()),
+                message: e.to_string(),
+            }
         })?;
         Ok(save::parse_table(&text, table))
     }
 
     async fn restore(&self, family: IpFamily, input: &str) -> Result<(), DataPlaneError> {
-        self.runner.run(tools(family).restore, &["--noflush", LOCK_WAIT], Some(input.as_bytes())).await.map(drop)
+        self.runner
+            .run(tools(family).restore, &["--noflush", LOCK_WAIT], Some(input.as_bytes()))
+            .await
+            .map(drop)
     }
 
     /// Renders and applies one family; returns (render time, apply time, lines).

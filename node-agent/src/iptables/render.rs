@@ -102,11 +102,18 @@ impl JumpRule {
 /// Our jump rules, in the order they should end up in each builtin chain (all at its top).
 pub const JUMP_RULES: [JumpRule; 11] = {
     const PORTALS: &str = "-m comment --comment \"fleetproxy service portals\"";
-    const NEW_PORTALS: &str = "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy service portals\"";
+    const NEW_PORTALS: &str =
+        "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy service portals\"";
     const NEW_EXTERNAL: &str =
         "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy externally-visible service portals\"";
-    const NEW_FIREWALL: &str = "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy load balancer firewall\"";
-    const fn jump(table: Table, chain: &'static str, target: &'static str, matches: &'static str) -> JumpRule {
+    const NEW_FIREWALL: &str =
+        "-m conntrack --ctstate NEW -m comment --comment \"fleetproxy load balancer firewall\"";
+    const fn jump(
+        table: Table,
+        chain: &'static str,
+        target: &'static str,
+        matches: &'static str,
+    ) -> JumpRule {
         JumpRule { table, chain, target, matches }
     }
     [
@@ -235,7 +242,8 @@ impl Shape {
         let has_external = !plan.external_targets.is_empty();
         let separate_external = has_external && plan.external_targets != plan.cluster_targets;
         let uses_ext = has_external && plan.has_external();
-        let uses_fw = uses_ext && !plan.load_balancer_ips.is_empty() && !plan.load_balancer_source_ranges.is_empty();
+        let uses_fw =
+            uses_ext && !plan.load_balancer_ips.is_empty() && !plan.load_balancer_source_ranges.is_empty();
         Self { has_cluster, separate_external, uses_ext, uses_fw }
     }
 
@@ -289,7 +297,8 @@ struct Ctx {
 
 impl Ctx {
     fn new(family: IpFamily, settings: &NodeSettings, endpoints: usize) -> Self {
-        let of_family = |nets: &[IpNet]| nets.iter().filter(|n| IpFamily::of_net(n) == family).copied().collect();
+        let of_family =
+            |nets: &[IpNet]| nets.iter().filter(|n| IpFamily::of_net(n) == family).copied().collect();
         Self {
             family,
             excluded: of_family(&settings.excluded_cidrs),
@@ -416,7 +425,9 @@ pub fn render(family: IpFamily, plans: &[ServicePlan], settings: &NodeSettings, 
     for plan in &plans {
         let write_chains = match mode {
             Mode::Full { .. } => true,
-            Mode::Partial { changed, previous } => changed.contains(&plan.name) || !previous.contains_key(&plan.name),
+            Mode::Partial { changed, previous } => {
+                changed.contains(&plan.name) || !previous.contains_key(&plan.name)
+            }
         };
         write_dispatch(&ctx, plan, &mut dispatch, &mut filter);
         let chains = plan_chains(plan);
@@ -458,7 +469,10 @@ pub fn render(family: IpFamily, plans: &[ServicePlan], settings: &NodeSettings, 
 
     // The nat rules: excluded CIDRs first, then the dispatch, node ports last.
     for net in &ctx.excluded {
-        nat.rule(SERVICES, &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"));
+        nat.rule(
+            SERVICES,
+            &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"),
+        );
     }
     nat.rules.push_str(&dispatch.services);
     nat.lines += dispatch.services_lines;
@@ -493,11 +507,19 @@ fn write_fixed_rules(ctx: &Ctx, filter: &mut Section, nat: &mut Section, off_clu
     let mark = &ctx.mark;
     for net in &ctx.excluded {
         for chain in [SERVICES, EXTERNAL_SERVICES, PROXY_FIREWALL] {
-            filter.rule(chain, &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"));
+            filter.rule(
+                chain,
+                &format!("-m comment --comment \"excluded CIDR, never intercepted\" -d {net} -j RETURN"),
+            );
         }
     }
     filter.rule(FORWARD, "-m conntrack --ctstate INVALID -j DROP");
-    filter.rule(FORWARD, &format!("-m comment --comment \"fleetproxy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"));
+    filter.rule(
+        FORWARD,
+        &format!(
+            "-m comment --comment \"fleetproxy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+        ),
+    );
     filter.rule(
         FORWARD,
         "-m comment --comment \"fleetproxy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -506,7 +528,10 @@ fn write_fixed_rules(ctx: &Ctx, filter: &mut Section, nat: &mut Section, off_clu
     nat.rule(POSTROUTING, &format!("-m mark ! --mark {mark}/{mark} -j RETURN"));
     // Clear the mark so that a packet that comes back through the stack is not masqueraded twice.
     nat.rule(POSTROUTING, &format!("-j MARK --set-xmark {mark}/0x0"));
-    nat.rule(POSTROUTING, "-m comment --comment \"fleetproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+    nat.rule(
+        POSTROUTING,
+        "-m comment --comment \"fleetproxy service traffic requiring SNAT\" -j MASQUERADE --random-fully",
+    );
     nat.rule(MARK_MASQ, &format!("-j MARK --set-xmark {mark}/{mark}"));
     if off_cluster {
         for net in &ctx.cluster_cidrs {
@@ -561,38 +586,65 @@ fn write_dispatch(ctx: &Ctx, plan: &ServicePlan, dispatch: &mut Dispatch, filter
 
     for ip in &plan.cluster_ips {
         if shape.has_cluster {
-            dispatch.service(&format!("-m comment --comment \"{name} cluster IP\" {} -j {}", matches(ip), names.svc));
+            dispatch.service(&format!(
+                "-m comment --comment \"{name} cluster IP\" {} -j {}",
+                matches(ip),
+                names.svc
+            ));
         } else {
             let (why, verdict) = internal_verdict;
-            filter.rule(SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+            filter.rule(
+                SERVICES,
+                &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)),
+            );
         }
     }
     let external_entry = if shape.uses_fw { &names.fw } else { &names.ext };
     for ip in &plan.external_ips {
         if shape.uses_ext {
-            dispatch.service(&format!("-m comment --comment \"{name} external IP\" {} -j {}", matches(ip), names.ext));
+            dispatch.service(&format!(
+                "-m comment --comment \"{name} external IP\" {} -j {}",
+                matches(ip),
+                names.ext
+            ));
         } else {
             let (why, verdict) = external_verdict;
-            filter.rule(EXTERNAL_SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+            filter.rule(
+                EXTERNAL_SERVICES,
+                &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)),
+            );
         }
     }
     for ip in &plan.load_balancer_ips {
         if shape.uses_ext {
-            dispatch.service(&format!("-m comment --comment \"{name} loadbalancer IP\" {} -j {external_entry}", matches(ip)));
+            dispatch.service(&format!(
+                "-m comment --comment \"{name} loadbalancer IP\" {} -j {external_entry}",
+                matches(ip)
+            ));
             if shape.uses_fw {
                 filter.rule(
                     PROXY_FIREWALL,
-                    &format!("-m comment --comment \"{name} traffic not accepted by {}\" {} -j DROP", names.fw, matches(ip)),
+                    &format!(
+                        "-m comment --comment \"{name} traffic not accepted by {}\" {} -j DROP",
+                        names.fw,
+                        matches(ip)
+                    ),
                 );
             }
         } else {
             let (why, verdict) = external_verdict;
-            filter.rule(EXTERNAL_SERVICES, &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)));
+            filter.rule(
+                EXTERNAL_SERVICES,
+                &format!("-m comment --comment \"{name} {why}\" {} -j {verdict}", matches(ip)),
+            );
         }
     }
     if let Some(node_port) = plan.node_port {
         if shape.uses_ext {
-            dispatch.nodeport(&format!("-m comment --comment \"{name}\" -m {proto} -p {proto} --dport {node_port} -j {}", names.ext));
+            dispatch.nodeport(&format!(
+                "-m comment --comment \"{name}\" -m {proto} -p {proto} --dport {node_port} -j {}",
+                names.ext
+            ));
         } else {
             let (why, verdict) = external_verdict;
             let destinations: Vec<String> = if ctx.node_port_addresses.is_empty() {
@@ -665,20 +717,32 @@ fn write_service_chains(ctx: &Ctx, plan: &ServicePlan, out: &mut Section) {
     }
     if shape.uses_fw {
         for net in &plan.load_balancer_source_ranges {
-            out.rule(&names.fw, &format!("-m comment --comment \"{name} loadbalancer IP\" -s {net} -j {}", names.ext));
+            out.rule(
+                &names.fw,
+                &format!("-m comment --comment \"{name} loadbalancer IP\" -s {net} -j {}", names.ext),
+            );
         }
-        out.rule(&names.fw, &format!("-m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""));
+        out.rule(
+            &names.fw,
+            &format!("-m comment --comment \"other traffic to {name} will be dropped by {PROXY_FIREWALL}\""),
+        );
     }
 
     // Endpoint chains: each target once, even when both kinds of traffic use it.
     let mut seen = BTreeSet::new();
     let affinity = plan.session_affinity.map(|t| t.as_secs().max(1));
-    for target in plan.cluster_targets.iter().filter(|_| shape.has_cluster).chain(plan.external_targets.iter().filter(|_| shape.separate_external)) {
+    for target in plan
+        .cluster_targets
+        .iter()
+        .filter(|_| shape.has_cluster)
+        .chain(plan.external_targets.iter().filter(|_| shape.separate_external))
+    {
         if !seen.insert(*target) {
             continue;
         }
         let sep = endpoint_chain(&plan.name, plan.protocol, target);
-        let comment = if ctx.endpoint_comments { format!("-m comment --comment \"{name}\" ") } else { String::new() };
+        let comment =
+            if ctx.endpoint_comments { format!("-m comment --comment \"{name}\" ") } else { String::new() };
         out.rule(&sep, &format!("{comment}-s {} -j {MARK_MASQ}", addr(&target.ip)));
         let recent = match affinity {
             Some(_) => format!("-m recent --set --name {sep} --mask {} --rsource ", full_mask(ctx.family)),
@@ -728,7 +792,11 @@ fn write_balancing(ctx: &Ctx, plan: &ServicePlan, chain: &str, targets: &[Target
         if left > 1 {
             out.rule(
                 chain,
-                &format!("{}-m statistic --mode random --probability {} -j {sep}", comment(target), probability(left)),
+                &format!(
+                    "{}-m statistic --mode random --probability {} -j {sep}",
+                    comment(target),
+                    probability(left)
+                ),
             );
         } else {
             out.rule(chain, &format!("{}-j {sep}", comment(target)));
@@ -763,7 +831,9 @@ mod tests {
             protocol: Protocol::Sctp,
         };
         let target = Target { ip: "fd00::1234".parse().expect("ip"), port: 65535, is_local: false };
-        for chain in [service_chain("SVC", &name, Protocol::Sctp), endpoint_chain(&name, Protocol::Sctp, &target)] {
+        for chain in
+            [service_chain("SVC", &name, Protocol::Sctp), endpoint_chain(&name, Protocol::Sctp, &target)]
+        {
             assert!(chain.len() <= 28, "{chain}");
             assert!(is_service_chain(&chain));
         }

@@ -137,7 +137,10 @@ COMMIT
     fn parses_ours_only() {
         let nat = parse_table(DUMP, Table::Nat);
         assert_eq!(nat.chains, ["FP-SERVICES", "FP-SVC-ABC"].map(String::from).into());
-        assert_eq!(nat.jumps, vec!["-A PREROUTING -m comment --comment \"fleetproxy service portals\" -j FP-SERVICES"]);
+        assert_eq!(
+            nat.jumps,
+            vec!["-A PREROUTING -m comment --comment \"fleetproxy service portals\" -j FP-SERVICES"]
+        );
         assert_eq!(nat.rules, 2);
         assert_eq!(nat.rule_count(), 3);
         let filter = parse_table(DUMP, Table::Filter);
@@ -151,7 +154,8 @@ COMMIT
     fn cleanup_removes_jumps_then_chains() {
         let nat = parse_table(DUMP, Table::Nat);
         let filter = parse_table(DUMP, Table::Filter);
-        let input = cleanup_input(&[(Table::Filter, &filter), (Table::Nat, &nat)]).expect("something to clean");
+        let input =
+            cleanup_input(&[(Table::Filter, &filter), (Table::Nat, &nat)]).expect("something to clean");
         assert_eq!(
             input,
             "*filter\n:FP-FORWARD - [0:0]\n-D INPUT -j FP-FORWARD\n-X FP-FORWARD\nCOMMIT\n\
