@@ -48,7 +48,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fleetproxy_api::{ProxyMode, ProxyNode};
+use fleetproxy_api::{
+    ProxyConfig, ProxyConfigSpec, ProxyConfigStatus, ProxyMode, ProxyNode, ProxySettings, RolloutSpec,
+};
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
@@ -59,7 +61,10 @@ use k8s_openapi::{
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+    apimachinery::pkg::{
+        apis::meta::v1::{Condition, ObjectMeta},
+        util::intstr::IntOrString,
+    },
     jiff::Timestamp,
 };
 use kube::{
@@ -69,6 +74,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 
+use self::kubelet::lock;
 pub use self::kubelet::{AGENT, ApiBridge, Binaries, Kubelet, OPERATOR, PodSpec};
 use crate::{
     FIELD_MANAGER,
@@ -689,6 +695,66 @@ impl Drop for Fleet {
         }
         self.servers.clear();
     }
+}
+
+// --- ProxyConfigs ----------------------------------------------------------------------------------
+
+/// A ProxyConfig named `name` for this fleet's nodes (selected by [`FLEET_LABEL`], and labelled with
+/// it, so that dropping the fleet deletes it), in `mode`, one node at a time.
+pub fn proxy_config(fleet: &Fleet, name: &str, mode: ProxyMode) -> ProxyConfig {
+    let mut config = ProxyConfig::new(
+        name,
+        ProxyConfigSpec {
+            settings: ProxySettings { mode, ..ProxySettings::default() },
+            node_selector: fleet.node_selector(),
+            rollout: RolloutSpec::default(),
+        },
+    );
+    config.metadata.labels = Some(fleet.node_selector());
+    config
+}
+
+/// Whether the config's status, for its current generation, shows `nodes` nodes all Ready on the
+/// newest settings in `mode`, each with a rule count read back from its kernel.
+pub fn fleet_settled(config: &ProxyConfig, mode: ProxyMode, nodes: usize) -> bool {
+    let Some(status) = &config.status else { return false };
+    status.observed_generation == config.metadata.generation
+        && status.summary.nodes as usize == nodes
+        && status.nodes.len() == nodes
+        && status.nodes.iter().all(|n| {
+            n.ready && n.updated && n.active_mode == Some(mode) && n.rule_count.is_some_and(|c| c > 0)
+        })
+}
+
+/// Waits until the ProxyConfig `name` shows all `nodes` nodes settled in `mode`; returns it.
+pub async fn wait_for_fleet_mode(
+    client: &Client,
+    name: &str,
+    mode: ProxyMode,
+    nodes: usize,
+    timeout: Duration,
+) -> Result<ProxyConfig> {
+    let api: Api<ProxyConfig> = Api::all(client.clone());
+    let what = format!("ProxyConfig {name}: {nodes} nodes Ready in {mode}");
+    let last: Arc<Mutex<Option<ProxyConfigStatus>>> = Arc::default();
+    let found = eventually(&what, timeout, || {
+        let (api, last) = (api.clone(), Arc::clone(&last));
+        async move {
+            let config = api.get(name).await?;
+            let settled = fleet_settled(&config, mode, nodes);
+            *lock(&last) = config.status.clone();
+            Ok(settled.then_some(config))
+        }
+    })
+    .await;
+    found.with_context(|| {
+        format!("last status: {}", serde_json::to_string_pretty(&*lock(&last)).unwrap_or_default())
+    })
+}
+
+/// A condition of a ProxyConfig's status, by type.
+pub fn condition<'a>(config: &'a ProxyConfig, type_: &str) -> Option<&'a Condition> {
+    config.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 // --- the processes' command lines ------------------------------------------------------------------
