@@ -140,6 +140,7 @@ async fn cluster_ip_node_port_external_ip_and_load_balancer_ip() {
     web.external_ips = vec!["192.0.2.10".parse().expect("ip")];
     web.load_balancer_ips = vec!["203.0.113.5".parse().expect("ip")];
     let dns = plan("dns", Protocol::Udp, "10.96.0.53", 53, env.targets(&[0, 1], false, UDP_PORT));
+    env.proxier.probe().await.expect("iptables mode is available");
     env.sync(&[web, dns], &Changes::Full).await;
 
     let pods: BTreeSet<String> = env.pods.iter().map(|p| p.name.clone()).collect();

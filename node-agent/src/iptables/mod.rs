@@ -168,8 +168,9 @@ impl DataPlane for IptablesProxier {
                 return Err(unsupported(format!("{tool} is not installed")));
             }
         }
+        // One small builtin chain: listing the whole nat table of a big node takes seconds.
         self.runner
-            .run(tools(IpFamily::V4).iptables, &[LOCK_WAIT, "-t", "nat", "-L", "-n"], None)
+            .run(tools(IpFamily::V4).iptables, &[LOCK_WAIT, "-t", "nat", "-L", "POSTROUTING", "-n"], None)
             .await
             .map_err(|e| unsupported(e.to_string()))?;
         Ok(())
