@@ -156,6 +156,7 @@ pub struct Fleet {
     /// Network namespaces of pods that are not host-network (the operator's), by pod name.
     pod_netns: BTreeMap<String, (Netns, ApiBridge)>,
     kubelet: Kubelet,
+    passed: AtomicBool,
     _lock: File,
 }
 
@@ -277,6 +278,7 @@ impl Fleet {
             servers: Vec::new(),
             pod_netns: BTreeMap::new(),
             kubelet,
+            passed: AtomicBool::new(false),
             _lock: lock,
         };
         fleet.create_api_objects().await?;
@@ -630,6 +632,12 @@ impl Fleet {
         .map(drop)
     }
 
+    /// Marks the fleet's test as passed: dropping the fleet then does not print the process logs
+    /// (it does after a failure or a panic).
+    pub fn passed(&self) {
+        self.passed.store(true, Ordering::Relaxed);
+    }
+
     /// Prints the tails of every process log to stderr.
     pub fn dump_logs(&self) {
         self.kubelet.dump_logs(60);
@@ -659,7 +667,7 @@ fn host_lock() -> Result<File> {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if !self.passed.load(Ordering::Relaxed) {
             eprintln!("fleet {}: logs in {}", self.id, self.dir.display());
             self.dump_logs();
         }

@@ -249,6 +249,7 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
     // The agents keep serving with their last rules: removing the operator's objects must not
     // black-hole traffic.
     setup.assert_service_answers()?;
+    setup.fleet.passed();
     Ok(())
 }
 
@@ -305,6 +306,7 @@ async fn paused_rollout_holds_mid_way() -> Result<()> {
     setup.patch(r#"{"spec":{"rollout":{"paused":false}}}"#)?;
     setup.settle(ProxyMode::Nftables).await?;
     ensure!(fleet::max_unsettled(&log.changes(), 0) <= 1, "more than one node switching at once");
+    setup.fleet.passed();
     Ok(())
 }
 
@@ -381,6 +383,7 @@ async fn node_that_cannot_run_the_mode_halts_the_rollout_and_keeps_serving() -> 
         .kubelet()
         .check(&fleet.node(&broken)?.agent_pod())
         .context("the broken node's agent must not crash")?;
+    setup.fleet.passed();
     Ok(())
 }
 
@@ -411,5 +414,6 @@ async fn deleted_node_loses_its_proxynode_and_status_entry() -> Result<()> {
     if !status.nodes.iter().all(|n| n.ready) {
         bail!("the remaining nodes are not ready: {:?}", status.nodes);
     }
+    setup.fleet.passed();
     Ok(())
 }

@@ -337,10 +337,11 @@ impl Kubelet {
             .with_context(|| format!("starting {} in {}", resolved.program.display(), spec.netns.name()))
     }
 
-    /// Kills the pod's process (SIGTERM, SIGKILL after 5s) and forgets it.
+    /// Kills the pod's process (SIGTERM, SIGKILL after 5s); [`Kubelet::restart`] starts it again.
     pub fn kill(&self, name: &str) {
-        if let Some(mut pod) = lock(&self.pods).remove(name) {
+        if let Some(pod) = lock(&self.pods).get_mut(name) {
             stop_child(pod.child.as_mut());
+            pod.child = None;
         }
     }
 
