@@ -549,8 +549,13 @@ impl Fleet {
         })
     }
 
-    /// Runs the first container of `daemonset`'s pod template on every node.
-    pub fn run_daemonset(&self, daemonset: &DaemonSet, extra_env: &[(String, String)]) -> Result<()> {
+    /// Runs the first container of `daemonset`'s pod template on every node, with the environment
+    /// `extra_env(node)` besides its own (a token bound to that node, say).
+    pub fn run_daemonset(
+        &self,
+        daemonset: &DaemonSet,
+        extra_env: impl Fn(&FleetNode) -> Result<Vec<(String, String)>>,
+    ) -> Result<()> {
         let container = daemonset
             .spec
             .template
@@ -558,7 +563,10 @@ impl Fleet {
             .as_ref()
             .and_then(|p| p.containers.first())
             .context("the DaemonSet has no container")?;
-        self.run_agents(container, extra_env)
+        for node in &self.nodes {
+            self.run_agent(&node.name, container, &extra_env(node)?)?;
+        }
+        Ok(())
     }
 
     /// Runs a pod that is not host-network (the operator) in a network namespace of its own, with an
@@ -649,6 +657,36 @@ pub fn kubectl(kubeconfig: &Path) -> Command {
     let mut command = Command::new(tool("kubectl"));
     command.arg("--kubeconfig").arg(kubeconfig);
     command
+}
+
+/// Writes to `out` a kubeconfig for the control plane of `admin` that authenticates as service
+/// account `namespace/account` with a fresh token (`kubectl create token`), bound to Node
+/// `bound_node` if given, as the token the kubelet mounts into a pod on that node is.
+pub fn service_account_kubeconfig(
+    admin: &Path,
+    namespace: &str,
+    account: &str,
+    bound_node: Option<&str>,
+    out: &Path,
+) -> Result<()> {
+    let mut create = kubectl(admin);
+    create.args(["create", "token", account, "-n", namespace, "--duration=2h"]);
+    if let Some(node) = bound_node {
+        create.args(["--bound-object-kind=Node", &format!("--bound-object-name={node}")]);
+    }
+    let token = run(&mut create)?.trim().to_owned();
+    let mut config = Kubeconfig::read_from(admin)?;
+    let user = format!("system:serviceaccount:{namespace}:{account}");
+    config.auth_infos =
+        vec![serde_json::from_value(serde_json::json!({ "name": user, "user": { "token": token } }))?];
+    for context in config.contexts.iter_mut().filter_map(|c| c.context.as_mut()) {
+        context.user = Some(user.clone());
+    }
+    // JSON is YAML: every client reads it.
+    std::fs::write(out, serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    std::fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(())
 }
 
 fn no_rp_filter(netns: &Netns) -> Result<()> {

@@ -214,6 +214,17 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
             entry.name, entry.rule_count
         );
         ensure!(entry.rule_count.is_some_and(|c| c > 0), "{}: no rule count", entry.name);
+        ensure!(
+            reported == entry.rule_count,
+            "{}: the status entry is not the ProxyNode's count",
+            entry.name
+        );
+        let gauge = kernel.iter().find(|(labels, _)| labels.contains("nftables")).map(|(_, v)| *v as i64);
+        ensure!(
+            gauge == reported,
+            "{}: the agent's nftables gauge {gauge:?} is not its reported count",
+            entry.name
+        );
     }
 
     // API writes, per node.

@@ -16,6 +16,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -330,6 +331,9 @@ impl Kubelet {
             .args(&resolved.args)
             .envs(&resolved.env)
             .stdin(Stdio::null())
+            // A process group of its own: a Ctrl-C at the terminal reaches the program that runs
+            // the kubelet, which stops its pods in order, and not the pods directly.
+            .process_group(0)
             .stdout(file.try_clone()?)
             .stderr(file);
         command
