@@ -943,7 +943,7 @@ impl Traffic {
             threads.push(node.netns.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let outcome = probe_here(Proto::Tcp, addr, timeout);
-                    let mut stats = stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let mut stats = lock(&stats);
                     let entry = stats.by_node.entry(name.clone()).or_default();
                     match outcome {
                         Outcome::Answered(backend) => {
@@ -971,7 +971,12 @@ impl Traffic {
 
     /// What the clients saw until now.
     pub fn stats(&self) -> TrafficStats {
-        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.view().stats()
+    }
+
+    /// A handle that reads the counts while the clients run (from a callback, say).
+    pub fn view(&self) -> TrafficView {
+        TrafficView(Arc::clone(&self.stats))
     }
 
     /// Stops the clients and returns what they saw.
@@ -985,6 +990,16 @@ impl Traffic {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+/// Reads what the clients of a [`Traffic`] saw so far.
+#[derive(Clone)]
+pub struct TrafficView(Arc<Mutex<TrafficStats>>);
+
+impl TrafficView {
+    pub fn stats(&self) -> TrafficStats {
+        lock(&self.0).clone()
     }
 }
 
@@ -1105,7 +1120,7 @@ impl StateLog {
                     if let Some(f) = &on_change {
                         f(&change);
                     }
-                    log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(change);
+                    lock(&log).push(change);
                 }
             }
         });
@@ -1117,7 +1132,7 @@ impl StateLog {
 
     /// Every change recorded so far.
     pub fn changes(&self) -> Vec<Change> {
-        self.changes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        lock(&self.changes).clone()
     }
 
     /// The latest state of every node, replaying the changes.
