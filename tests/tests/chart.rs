@@ -107,7 +107,12 @@ fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut command: Command, args: 
 }
 
 /// `kubectl get -o json`, or None when the object does not exist.
-fn get_json(cp: &ControlPlane, kind: &str, name: &str, namespace: Option<&str>) -> anyhow::Result<Option<Value>> {
+fn get_json(
+    cp: &ControlPlane,
+    kind: &str,
+    name: &str,
+    namespace: Option<&str>,
+) -> anyhow::Result<Option<Value>> {
     let mut command = args(kubectl(cp), ["get", kind, name, "-o", "json", "--ignore-not-found"]);
     if let Some(ns) = namespace {
         command.args(["-n", ns]);
@@ -173,17 +178,33 @@ impl Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        let _ = run(args(helm(Some(self.cp)), ["uninstall", &self.name, "-n", &self.namespace, "--ignore-not-found"]), None);
-        let _ = run(args(kubectl(self.cp), ["delete", "namespace", &self.namespace, "--wait=false", "--ignore-not-found"]), None);
         let _ = run(
-            args(kubectl(self.cp), ["delete", "proxyconfig", &self.proxy_config, "--wait=false", "--ignore-not-found"]),
+            args(helm(Some(self.cp)), ["uninstall", &self.name, "-n", &self.namespace, "--ignore-not-found"]),
+            None,
+        );
+        let _ = run(
+            args(
+                kubectl(self.cp),
+                ["delete", "namespace", &self.namespace, "--wait=false", "--ignore-not-found"],
+            ),
+            None,
+        );
+        let _ = run(
+            args(
+                kubectl(self.cp),
+                ["delete", "proxyconfig", &self.proxy_config, "--wait=false", "--ignore-not-found"],
+            ),
             None,
         );
     }
 }
 
 /// Polls `check` until it returns Ok(true), or fails after `timeout` with `what`.
-fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
+fn eventually(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if check()? {
@@ -206,7 +227,10 @@ fn lint_is_clean_also_strict() -> anyhow::Result<()> {
         }
         let out = ok(command, None)?;
         ensure!(out.contains("1 chart(s) linted, 0 chart(s) failed"), "helm lint (strict {strict}):\n{out}");
-        ensure!(!out.contains("[WARNING]") && !out.contains("[ERROR]"), "helm lint (strict {strict}):\n{out}");
+        ensure!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "helm lint (strict {strict}):\n{out}"
+        );
     }
     Ok(())
 }
@@ -215,7 +239,10 @@ fn lint_is_clean_also_strict() -> anyhow::Result<()> {
 /// would have stored (with its defaults).
 fn template_dry_run(release: &Release, extra: &[&str]) -> anyhow::Result<Vec<Value>> {
     let rendered = ok(release.helm("template", extra), None)?;
-    let out = ok(args(kubectl(release.cp), ["apply", "--dry-run=server", "-o", "json", "-f", "-"]), Some(&rendered))?;
+    let out = ok(
+        args(kubectl(release.cp), ["apply", "--dry-run=server", "-o", "json", "-f", "-"]),
+        Some(&rendered),
+    )?;
     let applied: Value = serde_json::from_str(&out).context("parsing kubectl's output")?;
     let items = match applied.get("items") {
         Some(items) => items.as_array().cloned().unwrap_or_default(),
@@ -232,7 +259,12 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> anyhow::Result<&'a 
 }
 
 fn kinds(objects: &[Value]) -> Vec<String> {
-    objects.iter().map(|o| format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["metadata"]["name"].as_str().unwrap_or("?"))).collect()
+    objects
+        .iter()
+        .map(|o| {
+            format!("{}/{}", o["kind"].as_str().unwrap_or("?"), o["metadata"]["name"].as_str().unwrap_or("?"))
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -272,7 +304,8 @@ async fn template_with_default_values_passes_server_dry_run() -> anyhow::Result<
     ensure!(pod["serviceAccountName"] == operator.as_str(), "{pod}");
     ensure!(pod["securityContext"]["runAsNonRoot"] == true, "{pod}");
     let container = &pod["containers"][0];
-    let container_args: Vec<&str> = container["args"].as_array().context("args")?.iter().filter_map(Value::as_str).collect();
+    let container_args: Vec<&str> =
+        container["args"].as_array().context("args")?.iter().filter_map(Value::as_str).collect();
     for wanted in [
         format!("--namespace={}", release.namespace),
         format!("--agent-service-account={agent}"),
@@ -315,7 +348,10 @@ async fn template_with_other_values_passes_server_dry_run() -> anyhow::Result<()
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     ensure!(container["image"] == "registry.example/fleetproxy:v9", "{container}");
     ensure!(
-        container["args"].as_array().context("args")?.contains(&json!("--agent-image=registry.example/fleetproxy:v9")),
+        container["args"]
+            .as_array()
+            .context("args")?
+            .contains(&json!("--agent-image=registry.example/fleetproxy:v9")),
         "{container}"
     );
     ensure!(!objects.iter().any(|o| o["kind"] == "ValidatingAdmissionPolicy"), "{:?}", kinds(&objects));
@@ -363,7 +399,8 @@ async fn install_upgrade_uninstall() -> anyhow::Result<()> {
         ("proxyconfig", &release.proxy_config, None),
     ];
     for (kind, name, namespace) in &installed {
-        get_json(cp, kind, name, *namespace)?.with_context(|| format!("helm install created no {kind} {name}"))?;
+        get_json(cp, kind, name, *namespace)?
+            .with_context(|| format!("helm install created no {kind} {name}"))?;
     }
     let config = get_json(cp, "proxyconfig", &release.proxy_config, None)?.context("ProxyConfig")?;
     let spec = &config["spec"];
@@ -372,7 +409,8 @@ async fn install_upgrade_uninstall() -> anyhow::Result<()> {
 
     let out = ok(release.helm("upgrade", &["--reuse-values", "--set", "proxyConfig.mode=nftables"]), None)?;
     ensure!(out.contains("STATUS: deployed"), "{out}");
-    let config = get_json(cp, "proxyconfig", &release.proxy_config, None)?.context("ProxyConfig after upgrade")?;
+    let config =
+        get_json(cp, "proxyconfig", &release.proxy_config, None)?.context("ProxyConfig after upgrade")?;
     ensure!(config["spec"]["mode"] == "nftables", "after upgrade: {}", config["spec"]);
     ensure!(config["spec"]["excludedCIDRs"] == json!(["192.0.2.0/24"]), "values lost: {}", config["spec"]);
 
@@ -396,20 +434,41 @@ async fn install_upgrade_uninstall() -> anyhow::Result<()> {
 fn bad_values_are_refused_by_the_schema() -> anyhow::Result<()> {
     let chart = chart_dir();
     let cases: &[(&[&str], &[&str])] = &[
-        (&["--set", "proxyConfig.mode=bogus"], &["/proxyConfig/mode", "must be one of 'iptables', 'ipvs', 'nftables'"]),
-        (&["--set", "proxyConfig.ipvs.scheduler=bogus"], &["/proxyConfig/ipvs/scheduler", "must be one of 'rr'"]),
-        (&["--set", "proxyConfig.rollout.maxUnavailable=0"], &["/proxyConfig/rollout/maxUnavailable", "minimum: got 0, want 1"]),
-        (&["--set-string", "proxyConfig.rollout.maxUnavailable=0%"], &["/proxyConfig/rollout/maxUnavailable", "'0%' does not match"]),
+        (
+            &["--set", "proxyConfig.mode=bogus"],
+            &["/proxyConfig/mode", "must be one of 'iptables', 'ipvs', 'nftables'"],
+        ),
+        (
+            &["--set", "proxyConfig.ipvs.scheduler=bogus"],
+            &["/proxyConfig/ipvs/scheduler", "must be one of 'rr'"],
+        ),
+        (
+            &["--set", "proxyConfig.rollout.maxUnavailable=0"],
+            &["/proxyConfig/rollout/maxUnavailable", "minimum: got 0, want 1"],
+        ),
+        (
+            &["--set-string", "proxyConfig.rollout.maxUnavailable=0%"],
+            &["/proxyConfig/rollout/maxUnavailable", "'0%' does not match"],
+        ),
         (&["--set", "proxyConfig.rollout.maxUnavailable=-1"], &["/proxyConfig/rollout/maxUnavailable"]),
-        (&["--set-json", r#"proxyConfig.excludedCIDRs=["nope"]"#], &["/proxyConfig/excludedCIDRs/0", "'nope' does not match"]),
+        (
+            &["--set-json", r#"proxyConfig.excludedCIDRs=["nope"]"#],
+            &["/proxyConfig/excludedCIDRs/0", "'nope' does not match"],
+        ),
         (&["--set-json", r#"proxyConfig.excludedCIDRs=["10.0.0.0/33"]"#], &["/proxyConfig/excludedCIDRs/0"]),
-        (&["--set-string", "proxyConfig.syncPeriod=-1s"], &["/proxyConfig/syncPeriod", "'-1s' does not match"]),
+        (
+            &["--set-string", "proxyConfig.syncPeriod=-1s"],
+            &["/proxyConfig/syncPeriod", "'-1s' does not match"],
+        ),
         (&["--set-string", "proxyConfig.syncPeriod=0s"], &["/proxyConfig/syncPeriod"]),
         (&["--set-string", "proxyConfig.minSyncPeriod=1"], &["/proxyConfig/minSyncPeriod"]),
         (&["--set", "bogus=1"], &["additional properties 'bogus' not allowed"]),
         (&["--set", "proxyConfig.bogus=1"], &["/proxyConfig", "additional properties 'bogus' not allowed"]),
         (&["--set", "operator.replicas=0"], &["/operator/replicas"]),
-        (&["--set", "operator.replicas=2,operator.leaderElection=false"], &["/operator/replicas", "maximum: got 2, want 1"]),
+        (
+            &["--set", "operator.replicas=2,operator.leaderElection=false"],
+            &["/operator/replicas", "maximum: got 2, want 1"],
+        ),
         (&["--set", "operator.metricsBindAddress=localhost:8080"], &["/operator/metricsBindAddress"]),
         (&["--set", "image.pullPolicy=Sometimes"], &["/image/pullPolicy"]),
     ];
@@ -444,7 +503,10 @@ fn can_i(cp: &ControlPlane, user: &str, what: &[&str]) -> anyhow::Result<bool> {
     match answer.as_str() {
         "yes" => Ok(true),
         "no" => Ok(false),
-        _ => bail!("kubectl auth can-i {what:?} --as {user}: {answer} {}", String::from_utf8_lossy(&output.stderr)),
+        _ => bail!(
+            "kubectl auth can-i {what:?} --as {user}: {answer} {}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
     }
 }
 
@@ -532,7 +594,10 @@ async fn rbac_is_least_privilege() -> anyhow::Result<()> {
 
 /// A kubectl that authenticates with `token` only (no client certificate).
 fn kubectl_with_token(cp: &ControlPlane, token: &str, ca: &Path) -> anyhow::Result<Command> {
-    let server = ok(args(kubectl(cp), ["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]), None)?;
+    let server = ok(
+        args(kubectl(cp), ["config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}"]),
+        None,
+    )?;
     let mut command = Command::new(tool("kubectl"));
     command.env_remove("KUBECONFIG").arg("--kubeconfig=/dev/null");
     command.arg(format!("--server={}", server.trim())).arg("--certificate-authority").arg(ca);
@@ -556,12 +621,30 @@ async fn agent_writes_only_its_own_nodes_proxynode() -> anyhow::Result<()> {
              apiVersion: fleetproxy.io/v1alpha1\nkind: ProxyNode\nmetadata: {{name: {node}}}\nspec: {{mode: iptables}}\n---\n"
         ));
     }
-    let cleanup = scopeguard(cp, vec![("node", node_a.clone()), ("node", node_b.clone()), ("proxynode", node_a.clone()), ("proxynode", node_b.clone())]);
+    let cleanup = scopeguard(
+        cp,
+        vec![
+            ("node", node_a.clone()),
+            ("node", node_b.clone()),
+            ("proxynode", node_a.clone()),
+            ("proxynode", node_b.clone()),
+        ],
+    );
     ok(args(kubectl(cp), ["apply", "-f", "-"]), Some(&objects))?;
 
     // The CA of the API server, for the token-only kubectl.
     let ca_data = ok(
-        args(kubectl(cp), ["config", "view", "--raw", "--minify", "-o", "jsonpath={.clusters[0].cluster.certificate-authority-data}"]),
+        args(
+            kubectl(cp),
+            [
+                "config",
+                "view",
+                "--raw",
+                "--minify",
+                "-o",
+                "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+            ],
+        ),
         None,
     )?;
     let ca = std::env::temp_dir().join(format!("{}-ca.crt", unique_name("own-node")));
@@ -571,7 +654,19 @@ async fn agent_writes_only_its_own_nodes_proxynode() -> anyhow::Result<()> {
     // A token bound to node A, as a pod on node A has (its token names the pod and its node), and a
     // token bound to nothing.
     let token_a = ok(
-        args(kubectl(cp), ["create", "token", &agent, "-n", &ns, "--bound-object-kind=Node", "--bound-object-name", &node_a]),
+        args(
+            kubectl(cp),
+            [
+                "create",
+                "token",
+                &agent,
+                "-n",
+                &ns,
+                "--bound-object-kind=Node",
+                "--bound-object-name",
+                &node_a,
+            ],
+        ),
         None,
     )?;
     let unbound = ok(args(kubectl(cp), ["create", "token", &agent, "-n", &ns]), None)?;
@@ -593,16 +688,25 @@ async fn agent_writes_only_its_own_nodes_proxynode() -> anyhow::Result<()> {
     })
     .with_context(|| last.clone())?;
     ensure!(
-        last.contains(&format!("may write only ProxyNode {node_a}, not {node_b}")) && last.contains("ValidatingAdmissionPolicy"),
+        last.contains(&format!("may write only ProxyNode {node_a}, not {node_b}"))
+            && last.contains("ValidatingAdmissionPolicy"),
         "refusal without a clear message: {last}"
     );
 
     let output = patch_status(&unbound, &node_a)?;
     ensure!(!output.status.success(), "a token bound to no node patched ProxyNode {node_a}");
-    ensure!(stderr(&output).contains("must authenticate with a service-account token bound to its node"), "{}", stderr(&output));
+    ensure!(
+        stderr(&output).contains("must authenticate with a service-account token bound to its node"),
+        "{}",
+        stderr(&output)
+    );
 
     let output = patch_status(&token_a, &node_a)?;
-    ensure!(output.status.success(), "the agent of node A cannot patch its own ProxyNode's status: {}", stderr(&output));
+    ensure!(
+        output.status.success(),
+        "the agent of node A cannot patch its own ProxyNode's status: {}",
+        stderr(&output)
+    );
     let written = get_json(cp, "proxynode", &node_a, None)?.context("ProxyNode A")?;
     ensure!(written["status"]["ruleCount"] == 7, "{}", written["status"]);
 
@@ -610,11 +714,26 @@ async fn agent_writes_only_its_own_nodes_proxynode() -> anyhow::Result<()> {
     let mut command = kubectl_with_token(cp, token_a.trim(), &ca)?;
     command.args(["patch", "proxynode", &node_a, "--type=merge", "-p", r#"{"spec":{"mode":"nftables"}}"#]);
     let output = run(command, None)?;
-    ensure!(!output.status.success() && stderr(&output).contains("forbidden"), "spec patch: {}", stderr(&output));
+    ensure!(
+        !output.status.success() && stderr(&output).contains("forbidden"),
+        "spec patch: {}",
+        stderr(&output)
+    );
 
     // Other users are not affected by the policy.
     let output = ok(
-        args(kubectl(cp), ["patch", "proxynode", &node_b, "--subresource=status", "--type=merge", "-p", r#"{"status":{"ruleCount":1}}"#]),
+        args(
+            kubectl(cp),
+            [
+                "patch",
+                "proxynode",
+                &node_b,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"ruleCount":1}}"#,
+            ],
+        ),
         None,
     );
     output.context("the admin is refused by the agent's policy")?;
@@ -636,7 +755,10 @@ fn scopeguard(cp: &'static ControlPlane, objects: Vec<(&'static str, String)>) -
 impl Drop for Cleanup {
     fn drop(&mut self) {
         for (kind, name) in &self.objects {
-            let _ = run(args(kubectl(self.cp), ["delete", kind, name, "--wait=false", "--ignore-not-found"]), None);
+            let _ = run(
+                args(kubectl(self.cp), ["delete", kind, name, "--wait=false", "--ignore-not-found"]),
+                None,
+            );
         }
     }
 }
