@@ -26,7 +26,7 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 say "checking the tools (iptables, nftables, helm, kubectl, the control plane binaries)"
-"$root/scripts/setup.sh"
+"$root/scripts/setup.sh" >/dev/null
 
 cd "$root"
 say "building the operator, the agent and the demo (cargo build; the first build takes a few minutes)"

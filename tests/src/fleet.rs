@@ -308,7 +308,11 @@ impl Fleet {
         eventually("the fleet's namespace to be free", Duration::from_secs(60), || async {
             match namespaces.get_opt(&self.id).await? {
                 Some(ns) if ns.metadata.deletion_timestamp.is_some() => Ok(None),
-                Some(_) => Ok(Some(())),
+                Some(_) => {
+                    // Left by a fleet of the same id that was killed: start afresh.
+                    namespaces.delete(&self.id, &DeleteParams::default()).await?;
+                    Ok(None)
+                }
                 None => {
                     let ns = Namespace {
                         metadata: ObjectMeta {
