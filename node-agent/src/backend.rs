@@ -7,6 +7,7 @@ use crate::{
     dataplane::{Changes, DataPlane, DataPlaneError, SyncStats},
     exec::Runner,
     iptables::IptablesProxier,
+    ipvs::IpvsProxier,
     nftables::NftablesProxier,
     policy::{NodeSettings, ServicePlan},
 };
@@ -16,8 +17,7 @@ use crate::{
 pub enum Backend {
     Iptables(IptablesProxier),
     Nftables(NftablesProxier),
-    /// IPVS is a later issue: it reports itself unsupported and owns nothing to clean up.
-    Ipvs,
+    Ipvs(IpvsProxier),
 }
 
 impl Backend {
@@ -26,12 +26,8 @@ impl Backend {
         match mode {
             ProxyMode::Iptables => Self::Iptables(IptablesProxier::new(runner)),
             ProxyMode::Nftables => Self::Nftables(NftablesProxier::new(runner)),
-            ProxyMode::Ipvs => Self::Ipvs,
+            ProxyMode::Ipvs => Self::Ipvs(IpvsProxier::new(runner)),
         }
-    }
-
-    fn ipvs_unsupported() -> DataPlaneError {
-        DataPlaneError::Unsupported { mode: ProxyMode::Ipvs, reason: "not yet implemented".into() }
     }
 }
 
@@ -40,7 +36,7 @@ impl DataPlane for Backend {
         match self {
             Self::Iptables(backend) => backend.mode(),
             Self::Nftables(backend) => backend.mode(),
-            Self::Ipvs => ProxyMode::Ipvs,
+            Self::Ipvs(backend) => backend.mode(),
         }
     }
 
@@ -48,7 +44,7 @@ impl DataPlane for Backend {
         match self {
             Self::Iptables(backend) => backend.probe().await,
             Self::Nftables(backend) => backend.probe().await,
-            Self::Ipvs => Err(Self::ipvs_unsupported()),
+            Self::Ipvs(backend) => backend.probe().await,
         }
     }
 
@@ -61,7 +57,7 @@ impl DataPlane for Backend {
         match self {
             Self::Iptables(backend) => backend.sync(plans, settings, changes).await,
             Self::Nftables(backend) => backend.sync(plans, settings, changes).await,
-            Self::Ipvs => Err(Self::ipvs_unsupported()),
+            Self::Ipvs(backend) => backend.sync(plans, settings, changes).await,
         }
     }
 
@@ -69,7 +65,7 @@ impl DataPlane for Backend {
         match self {
             Self::Iptables(backend) => backend.rule_count().await,
             Self::Nftables(backend) => backend.rule_count().await,
-            Self::Ipvs => Ok(0),
+            Self::Ipvs(backend) => backend.rule_count().await,
         }
     }
 
@@ -77,7 +73,7 @@ impl DataPlane for Backend {
         match self {
             Self::Iptables(backend) => backend.cleanup().await,
             Self::Nftables(backend) => backend.cleanup().await,
-            Self::Ipvs => Ok(()),
+            Self::Ipvs(backend) => backend.cleanup().await,
         }
     }
 }

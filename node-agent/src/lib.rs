@@ -14,6 +14,7 @@ pub mod error;
 pub mod exec;
 pub mod health;
 pub mod iptables;
+pub mod ipvs;
 pub mod metrics;
 pub mod model;
 pub mod nftables;
