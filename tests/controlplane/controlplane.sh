@@ -179,7 +179,14 @@ launch() {
     local name="$1"
     shift
     setsid "$BIN/$name" "$@" </dev/null >>"$DIR/$name.log" 2>&1 9>&- &
-    echo $! >"$DIR/$name.pid"
+    local pid=$!
+    # Until setsid has exec'd the component, the pid still shows setsid (or bash): wait for the exec,
+    # so that alive_pid does not mistake a busy machine's slow start for a dead component.
+    local deadline=$((SECONDS + 10))
+    while [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" != "$BIN/$name" ]] && running "$pid" && ((SECONDS < deadline)); do
+        sleep 0.05
+    done
+    echo "$pid" >"$DIR/$name.pid"
 }
 
 # NAME SECONDS CMD...: waits until CMD succeeds, failing early when the component dies.
