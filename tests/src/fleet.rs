@@ -644,8 +644,8 @@ impl Fleet {
         .map(drop)
     }
 
-    /// Marks the fleet's test as passed: dropping the fleet then does not print the process logs
-    /// (it does after a failure or a panic).
+    /// Marks the fleet's test as passed: dropping the fleet then removes the process logs instead of
+    /// printing them (as it does after a failure or a panic).
     pub fn passed(&self) {
         self.passed.store(true, Ordering::Relaxed);
     }
@@ -744,6 +744,9 @@ impl Drop for Fleet {
             }
         }
         self.servers.clear();
+        if self.passed.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

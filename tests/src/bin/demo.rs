@@ -371,20 +371,11 @@ impl Demo {
             }
         }
         if let Some(fleet) = self.fleet.take() {
-            let dir = fleet.dir().to_path_buf();
             fleet.passed();
             drop(fleet);
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for entry in
-                    entries.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "kubeconfig"))
-                {
-                    let _ = std::fs::remove_file(entry.path());
-                }
-            }
-            say(&format!(
-                "   stopped the operator and the agents, deleted the nodes' network namespaces and objects (logs in {})",
-                dir.display()
-            ));
+            say(
+                "   stopped the operator and the agents, deleted the nodes, their namespaces and the demo's objects",
+            );
         }
     }
 }
