@@ -37,7 +37,12 @@ impl Runner {
     /// Runs `tool args...`, feeding `stdin` if given, and returns its stdout.
     ///
     /// A non-zero exit status is an error carrying the tool's stderr (or stdout, if stderr is empty).
-    pub async fn run(&self, tool: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<String, DataPlaneError> {
+    pub async fn run(
+        &self,
+        tool: &str,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<String, DataPlaneError> {
         let mut command = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -52,7 +57,8 @@ impl Runner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| DataPlaneError::Spawn { tool: tool.to_owned(), source })?;
+        let mut child =
+            command.spawn().map_err(|source| DataPlaneError::Spawn { tool: tool.to_owned(), source })?;
 
         // Write stdin while the tool runs and its output is drained, so a large payload or a large
         // answer cannot deadlock on a full pipe.
@@ -103,10 +109,8 @@ mod tests {
 
     #[tokio::test]
     async fn failure_carries_stderr() {
-        let err = Runner::host()
-            .run("sh", &["-c", "echo boom >&2; exit 3"], None)
-            .await
-            .expect_err("sh fails");
+        let err =
+            Runner::host().run("sh", &["-c", "echo boom >&2; exit 3"], None).await.expect_err("sh fails");
         match err {
             DataPlaneError::Apply { tool, message } => {
                 assert_eq!(tool, "sh");

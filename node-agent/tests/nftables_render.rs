@@ -61,7 +61,12 @@ fn plan(name: ServicePortName, family: IpFamily, port: u16) -> ServicePlan {
 
 fn settings() -> NodeSettings {
     NodeSettings {
-        excluded_cidrs: vec![net("10.0.0.0/24"), net("192.168.0.0/16"), net("192.168.3.0/24"), net("fd99::/64")],
+        excluded_cidrs: vec![
+            net("10.0.0.0/24"),
+            net("192.168.0.0/16"),
+            net("192.168.3.0/24"),
+            net("fd99::/64"),
+        ],
         cluster_cidrs: vec![net("10.244.0.0/16"), net("fd00:10::/64")],
         masquerade_all: false,
         masquerade_bit: 14,
@@ -73,7 +78,11 @@ fn settings() -> NodeSettings {
 /// ranges; UDP with affinity; Local policy with local and remote endpoints; SCTP without endpoints;
 /// Local policy without local endpoints; an IPv6 twin; SCTP with an endpoint.
 fn plans_before() -> Vec<ServicePlan> {
-    let web_targets = vec![target("10.244.1.5", 8080, true), target("10.244.2.5", 8080, false), target("10.244.3.5", 8080, false)];
+    let web_targets = vec![
+        target("10.244.1.5", 8080, true),
+        target("10.244.2.5", 8080, false),
+        target("10.244.3.5", 8080, false),
+    ];
     let web = ServicePlan {
         node_port: Some(30080),
         cluster_ips: vec![ip("10.96.0.10")],
@@ -211,8 +220,12 @@ fn golden_full_sync_deleting_stale_objects() {
     let rendering = render_full(&after, &settings(), &before.state.objects());
     let deletes: Vec<&str> = rendering.script.lines().filter(|l| l.starts_with("delete ")).collect();
     golden("nftables-full-stale.nft", &(deletes.join("\n") + "\n"));
-    assert!(deletes.iter().all(|l| l.contains("ns2/empty") || l.contains("ns1/web") && l.contains("__10.244.1.5")
-        || l.contains("ns1/web") && l.contains("__fd00.10..1.5")), "{deletes:#?}");
+    assert!(
+        deletes.iter().all(|l| l.contains("ns2/empty")
+            || l.contains("ns1/web") && l.contains("__10.244.1.5")
+            || l.contains("ns1/web") && l.contains("__fd00.10..1.5")),
+        "{deletes:#?}"
+    );
 }
 
 #[test]
@@ -313,7 +326,10 @@ impl Scratch {
                     chain.as_object_mut().expect("object").remove("handle");
                     out.entry(format!("{family} chain {}", chain["name"].as_str().expect("name")))
                         .or_insert_with(|| Value::Array(Vec::new()));
-                    out.insert(format!("{family} chain-def {}", chain["name"].as_str().expect("name")), chain);
+                    out.insert(
+                        format!("{family} chain-def {}", chain["name"].as_str().expect("name")),
+                        chain,
+                    );
                 } else if let Some(set) = object.get("set").or_else(|| object.get("map")) {
                     let mut set = set.clone();
                     let object = set.as_object_mut().expect("object");
@@ -386,7 +402,10 @@ async fn proxier_syncs_reads_back_and_cleans_up_in_a_netns() {
     // A new proxier (agent restart) knows nothing: its first sync is full and reads the kernel's
     // objects to delete what is stale.
     let mut restarted = NftablesProxier::new(Runner::in_netns(&ns.0));
-    let stats = restarted.sync(&plans_before(), &settings(), &Changes::Services(BTreeSet::new())).await.expect("resync");
+    let stats = restarted
+        .sync(&plans_before(), &settings(), &Changes::Services(BTreeSet::new()))
+        .await
+        .expect("resync");
     assert!(stats.full);
 
     restarted.cleanup().await.expect("cleanup");
@@ -405,7 +424,8 @@ async fn a_refused_sync_is_reported_and_forces_a_full_one() {
     // Someone deletes our table behind our back: the partial sync's `flush chain` fails.
     ns.apply("delete table ip fleetproxy\n");
     let (after, changed) = plans_after();
-    let err = proxier.sync(&after, &settings(), &Changes::Services(changed.clone())).await.expect_err("refused");
+    let err =
+        proxier.sync(&after, &settings(), &Changes::Services(changed.clone())).await.expect_err("refused");
     assert!(err.to_string().contains("nft"), "{err}");
     assert!(proxier.applied().is_none());
     let stats = proxier.sync(&after, &settings(), &Changes::Services(changed)).await.expect("recovers");

@@ -191,7 +191,13 @@ impl Netns {
     }
 
     /// `count` requests to `addr` from this namespace, each from a new socket (new source port).
-    pub fn probe_many(&self, proto: Proto, addr: SocketAddr, count: usize, timeout: Duration) -> Vec<Outcome> {
+    pub fn probe_many(
+        &self,
+        proto: Proto,
+        addr: SocketAddr,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Outcome> {
         match self.enter(move || (0..count).map(|_| probe_here(proto, addr, timeout)).collect()) {
             Ok(outcomes) => outcomes,
             Err(e) => vec![Outcome::Failed(format!("{e:#}")); count],
@@ -396,7 +402,8 @@ impl Lab {
     }
 
     pub fn pod_cidr_v6(&self) -> ipnet::Ipv6Net {
-        ipnet::Ipv6Net::new(Ipv6Addr::new(0xfd00, u16::from(self.octet), 0, 0, 0, 0, 0, 0), 41).unwrap_or_default()
+        ipnet::Ipv6Net::new(Ipv6Addr::new(0xfd00, u16::from(self.octet), 0, 0, 0, 0, 0, 0), 41)
+            .unwrap_or_default()
     }
 
     pub fn pods(&self) -> &[Host] {
@@ -418,7 +425,8 @@ impl Lab {
 
     /// Adds a client namespace outside the pod network, routed through the node.
     pub fn add_client(&mut self, name: &str) -> Result<Host> {
-        let index = u8::try_from(self.clients.len() + 128).ok().filter(|i| *i <= 254).context("too many clients")?;
+        let index =
+            u8::try_from(self.clients.len() + 128).ok().filter(|i| *i <= 254).context("too many clients")?;
         let host = self.attach(name, index)?;
         self.clients.push(host.clone());
         Ok(host)
@@ -434,7 +442,18 @@ impl Lab {
         let node_side = format!("veth{index}");
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-        self.node.ip(&["link", "add", &node_side, "type", "veth", "peer", "name", "eth0", "netns", netns.name()])?;
+        self.node.ip(&[
+            "link",
+            "add",
+            &node_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
         self.node.ip(&["addr", "add", &format!("{gateway_v4}/24"), "dev", &node_side])?;
         self.node.ip(&["-6", "addr", "add", &format!("{gateway_v6}/64"), "dev", &node_side, "nodad"])?;
         self.node.ip(&["link", "set", &node_side, "up"])?;
@@ -508,14 +527,15 @@ fn serve_here(
             }
         }
         Proto::Udp => {
-            let socket =
-                match UdpSocket::bind(addr).and_then(|s| s.set_read_timeout(Some(Duration::from_millis(100))).map(|()| s)) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = bound.send(Err(e));
-                        return;
-                    }
-                };
+            let socket = match UdpSocket::bind(addr)
+                .and_then(|s| s.set_read_timeout(Some(Duration::from_millis(100))).map(|()| s))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = bound.send(Err(e));
+                    return;
+                }
+            };
             let _ = bound.send(Ok(()));
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
@@ -561,9 +581,17 @@ mod tests {
         for v6 in [false, true] {
             for from in [lab.node(), &client.netns] {
                 let tcp = SocketAddr::new(pod.addr(v6), 8080);
-                assert_eq!(from.probe(Proto::Tcp, tcp, T), Outcome::Answered("pod-a".into()), "{from:?} tcp {tcp}");
+                assert_eq!(
+                    from.probe(Proto::Tcp, tcp, T),
+                    Outcome::Answered("pod-a".into()),
+                    "{from:?} tcp {tcp}"
+                );
                 let udp = SocketAddr::new(pod.addr(v6), 5353);
-                assert_eq!(from.probe(Proto::Udp, udp, T), Outcome::Answered("pod-a".into()), "{from:?} udp {udp}");
+                assert_eq!(
+                    from.probe(Proto::Udp, udp, T),
+                    Outcome::Answered("pod-a".into()),
+                    "{from:?} udp {udp}"
+                );
                 let closed = SocketAddr::new(pod.addr(v6), 9);
                 assert_eq!(from.probe(Proto::Tcp, closed, T), Outcome::Refused, "{from:?} tcp {closed}");
                 assert_eq!(from.probe(Proto::Udp, closed, T), Outcome::Refused, "{from:?} udp {closed}");

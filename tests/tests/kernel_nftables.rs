@@ -156,7 +156,9 @@ fn cluster_ip_node_port_external_and_load_balancer_ips_carry_traffic() {
     let pod_names = BTreeSet::from(["pod-1", "pod-2"]);
     let node_ip = IpAddr::from(node.lab.node_ip_v4());
     let client = node.client(0);
-    for addr in [sa(ip("10.96.0.10"), 80), sa(node_ip, 30080), sa(ip("192.0.2.10"), 80), sa(ip("198.51.100.10"), 80)] {
+    for addr in
+        [sa(ip("10.96.0.10"), 80), sa(node_ip, 30080), sa(ip("192.0.2.10"), 80), sa(ip("198.51.100.10"), 80)]
+    {
         let seen = answers(client, Proto::Tcp, addr, 20);
         assert!(names(&seen).is_subset(&pod_names), "{addr}: {seen:?}");
     }
@@ -170,7 +172,13 @@ fn cluster_ip_node_port_external_and_load_balancer_ips_carry_traffic() {
     let seen = node.lab.node().probe(Proto::Tcp, sa(node_ip, 30080), T);
     assert!(seen.answer().is_some_and(|n| pod_names.contains(n)), "{seen:?}");
     // A port the service does not have is not intercepted: nothing routes it anywhere.
-    assert!(client.netns.probe(Proto::Tcp, sa(ip("10.96.0.10"), 81), Duration::from_millis(500)).answer().is_none());
+    assert!(
+        client
+            .netns
+            .probe(Proto::Tcp, sa(ip("10.96.0.10"), 81), Duration::from_millis(500))
+            .answer()
+            .is_none()
+    );
     assert!(block_on(node.proxier.rule_count()).expect("rule count") > 0);
 }
 
@@ -281,8 +289,14 @@ fn no_endpoints_is_a_fast_refusal() {
         external_ips: vec![ip("192.0.2.90")],
         ..plan("empty", Protocol::Tcp, IpFamily::V4, 80)
     };
-    let empty_udp = ServicePlan { cluster_ips: vec![ip("10.96.0.91")], ..plan("empty-dns", Protocol::Udp, IpFamily::V4, 53) };
-    let empty_v6 = ServicePlan { cluster_ips: vec![ip("fd00:96::90")], ..plan("empty", Protocol::Tcp, IpFamily::V6, 80) };
+    let empty_udp = ServicePlan {
+        cluster_ips: vec![ip("10.96.0.91")],
+        ..plan("empty-dns", Protocol::Udp, IpFamily::V4, 53)
+    };
+    let empty_v6 = ServicePlan {
+        cluster_ips: vec![ip("fd00:96::90")],
+        ..plan("empty", Protocol::Tcp, IpFamily::V6, 80)
+    };
     node.sync(&[empty_tcp, empty_udp, empty_v6], Changes::Full);
     // The lab routes IPv6 by default through `lo`, which the kernel turns into a reject route
     // (ENETUNREACH before any hook). Like a real node, route the service range somewhere: here
@@ -302,7 +316,11 @@ fn no_endpoints_is_a_fast_refusal() {
             let started = Instant::now();
             let outcome = from.netns.probe(proto, addr, Duration::from_secs(3));
             assert_eq!(outcome, Outcome::Refused, "{proto:?} {addr} from {}", from.name);
-            assert!(started.elapsed() < Duration::from_secs(1), "{proto:?} {addr}: refusal took {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{proto:?} {addr}: refusal took {:?}",
+                started.elapsed()
+            );
         }
     }
     // From the node itself (filter output).
@@ -380,7 +398,9 @@ fn a_partial_update_takes_effect_and_leaves_other_services_alone() {
     assert_eq!(names(&seen), BTreeSet::from(["pod-1", "pod-2"]));
     // b's chains are byte for byte what they were.
     let b_chains_after = node.nft(&["list", "table", "ip", "fleetproxy"]);
-    let of_b = |listing: &str| listing.lines().filter(|l| l.contains("ns/b/")).map(str::to_owned).collect::<Vec<_>>();
+    let of_b = |listing: &str| {
+        listing.lines().filter(|l| l.contains("ns/b/")).map(str::to_owned).collect::<Vec<_>>()
+    };
     assert_eq!(of_b(&b_chains_before), of_b(&b_chains_after));
 
     // Removing a's endpoints entirely: refused, still partially.
@@ -418,7 +438,13 @@ fn cleanup_leaves_nothing_of_ours_and_keeps_foreign_rules() {
     assert!(node.nft(&["list", "table", "inet", "foreign"]).contains("comment \"not ours\""));
     assert_eq!(block_on(node.proxier.rule_count()).expect("rule count"), 0);
     // The service is gone: nothing answers on its address.
-    assert!(node.client(0).netns.probe(Proto::Tcp, sa(ip("10.96.0.10"), 80), Duration::from_millis(500)).answer().is_none());
+    assert!(
+        node.client(0)
+            .netns
+            .probe(Proto::Tcp, sa(ip("10.96.0.10"), 80), Duration::from_millis(500))
+            .answer()
+            .is_none()
+    );
 }
 
 #[test]
@@ -445,8 +471,12 @@ fn resyncing_a_programmed_kernel_keeps_traffic_flowing() {
     });
     for _ in 0..5 {
         let mut restarted = NftablesProxier::new(Runner::in_netns(node.lab.node().name()));
-        let stats = block_on(restarted.sync(std::slice::from_ref(&web), &node.settings, &Changes::Services(BTreeSet::new())))
-            .expect("resync");
+        let stats = block_on(restarted.sync(
+            std::slice::from_ref(&web),
+            &node.settings,
+            &Changes::Services(BTreeSet::new()),
+        ))
+        .expect("resync");
         assert!(stats.full);
         node.sync(std::slice::from_ref(&web), Changes::Full);
     }
@@ -455,7 +485,13 @@ fn resyncing_a_programmed_kernel_keeps_traffic_flowing() {
     let outcomes = prober.join().expect("prober");
     assert!(!outcomes.is_empty());
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.answer().is_none()).collect();
-    assert!(failed.is_empty(), "{} of {} probes failed during resyncs: {:?}", failed.len(), outcomes.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {} probes failed during resyncs: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
     assert_eq!(block_on(node.proxier.rule_count()).expect("rule count"), count);
 }
 
@@ -474,7 +510,11 @@ fn scale_1000_services_10_endpoints() {
     let plans: Vec<ServicePlan> = (0..1000u32)
         .map(|i| {
             let targets: Vec<Target> = (0..10u32)
-                .map(|e| Target { ip: IpAddr::from(Ipv4Addr::from(0x0af4_0000 + i * 16 + e)), port: 8080, is_local: e == 0 })
+                .map(|e| Target {
+                    ip: IpAddr::from(Ipv4Addr::from(0x0af4_0000 + i * 16 + e)),
+                    port: 8080,
+                    is_local: e == 0,
+                })
                 .collect();
             ServicePlan {
                 cluster_ips: vec![IpAddr::from(Ipv4Addr::from(0x0a60_0000 + i))],
@@ -503,7 +543,11 @@ fn scale_1000_services_10_endpoints() {
     let names = BTreeSet::from([changed[500].name.clone()]);
     let started = Instant::now();
     let partial = render_partial(proxier.applied().expect("applied").clone(), &changed, &names);
-    println!("render partial (1 service, including a copy of the state): {:?} ({} lines)", started.elapsed(), partial.lines);
+    println!(
+        "render partial (1 service, including a copy of the state): {:?} ({} lines)",
+        started.elapsed(),
+        partial.lines
+    );
     let stats = block_on(proxier.sync(&changed, &settings, &Changes::Services(names))).expect("partial sync");
     println!("partial sync (1 service): render {:?}, apply {:?}", stats.render, stats.apply);
 
@@ -513,7 +557,10 @@ fn scale_1000_services_10_endpoints() {
 
     let mut restarted = NftablesProxier::new(Runner::in_netns(lab.node().name()));
     let stats = block_on(restarted.sync(&changed, &settings, &Changes::Full)).expect("restart sync");
-    println!("full sync after restart (reads object names first): render {:?}, apply {:?}", stats.render, stats.apply);
+    println!(
+        "full sync after restart (reads object names first): render {:?}, apply {:?}",
+        stats.render, stats.apply
+    );
     let started = Instant::now();
     block_on(restarted.cleanup()).expect("cleanup");
     println!("cleanup: {:?}", started.elapsed());

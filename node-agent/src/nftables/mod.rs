@@ -68,7 +68,8 @@ impl NftablesProxier {
     /// The families our table exists in now.
     async fn our_tables(&self) -> Result<Vec<String>, DataPlaneError> {
         let json = self.runner.run(NFT, &["-j", "list", "tables"], None).await?;
-        readback::our_tables(&json).map_err(|message| DataPlaneError::ReadBack { what: "nftables tables".into(), message })
+        readback::our_tables(&json)
+            .map_err(|message| DataPlaneError::ReadBack { what: "nftables tables".into(), message })
     }
 
     /// The names of our chains, sets and maps in the kernel, per family. Listing declarations
@@ -90,10 +91,11 @@ impl DataPlane for NftablesProxier {
     }
 
     async fn probe(&self) -> Result<(), DataPlaneError> {
-        self.runner.run(NFT, &["list", "tables"], None).await.map(drop).map_err(|e| DataPlaneError::Unsupported {
-            mode: ProxyMode::Nftables,
-            reason: e.to_string(),
-        })
+        self.runner
+            .run(NFT, &["list", "tables"], None)
+            .await
+            .map(drop)
+            .map_err(|e| DataPlaneError::Unsupported { mode: ProxyMode::Nftables, reason: e.to_string() })
     }
 
     async fn sync(
@@ -129,16 +131,22 @@ impl DataPlane for NftablesProxier {
         let mut count = 0;
         for family in self.our_tables().await? {
             let json = self.runner.run(NFT, &["-j", "list", "table", &family, TABLE], None).await?;
-            count += readback::count_rules(&json)
-                .map_err(|message| DataPlaneError::ReadBack { what: format!("table {family} {TABLE}"), message })?;
+            count += readback::count_rules(&json).map_err(|message| DataPlaneError::ReadBack {
+                what: format!("table {family} {TABLE}"),
+                message,
+            })?;
         }
         Ok(count)
     }
 
     async fn cleanup(&mut self) -> Result<(), DataPlaneError> {
         self.applied = None;
-        let script: String =
-            self.our_tables().await?.iter().map(|family| format!("delete table {family} {TABLE}\n")).collect();
+        let script: String = self
+            .our_tables()
+            .await?
+            .iter()
+            .map(|family| format!("delete table {family} {TABLE}\n"))
+            .collect();
         if !script.is_empty() {
             self.runner.run(NFT, &["-f", "-"], Some(script.as_bytes())).await?;
         }

@@ -25,9 +25,7 @@ fn fnv1a(data: &str) -> u64 {
 pub fn short_hash(data: &str) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let hash = fnv1a(data);
-    (0..8)
-        .map(|i| char::from(ALPHABET[((hash >> (59 - 5 * i)) & 31) as usize]))
-        .collect()
+    (0..8).map(|i| char::from(ALPHABET[((hash >> (59 - 5 * i)) & 31) as usize])).collect()
 }
 
 /// Keeps the characters nft accepts in an unquoted identifier (`[A-Za-z0-9/_.-]`): `:` (IPv6)
@@ -86,7 +84,11 @@ pub fn firewall_chain(plan: &ServicePlan) -> String {
 /// The chain that DNATs to one endpoint of a service port.
 pub fn endpoint_chain(plan: &ServicePlan, ip: IpAddr, port: u16) -> String {
     let suffix = endpoint_suffix(ip, port);
-    name("endpoint", &format!("{}{suffix}", identity(&plan.name)), &format!("{}{suffix}", readable_port(plan)))
+    name(
+        "endpoint",
+        &format!("{}{suffix}", identity(&plan.name)),
+        &format!("{}{suffix}", readable_port(plan)),
+    )
 }
 
 /// The set of clients pinned to one endpoint (sessionAffinity ClientIP). The timeout is part of the

@@ -303,17 +303,27 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
             vec![new(NODEPORT_ENDPOINTS_CHECK), new(SERVICE_ENDPOINTS_CHECK)],
         ),
         base("filter-forward", "filter", "forward", filter.clone(), vec![new(SERVICE_ENDPOINTS_CHECK)]),
-        base("filter-output", "filter", "output", filter, vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)]),
+        base(
+            "filter-output",
+            "filter",
+            "output",
+            filter,
+            vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)],
+        ),
         base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
         // nft 1.0.6 knows `dstnat` for prerouting only; -100 is the same priority.
         base("nat-output", "nat", "output", "-100".into(), vec![format!("jump {SERVICES}")]),
         base("nat-postrouting", "nat", "postrouting", "srcnat".into(), vec![format!("jump {MASQUERADING}")]),
         chain(
             SERVICES,
-            [Some(not_excluded.clone()), Some(lookup(VerdictMap::ServiceIps)), port_lookup(VerdictMap::ServiceNodeports)]
-                .into_iter()
-                .flatten()
-                .collect(),
+            [
+                Some(not_excluded.clone()),
+                Some(lookup(VerdictMap::ServiceIps)),
+                port_lookup(VerdictMap::ServiceNodeports),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
         ),
         chain(
             MASQUERADING,
@@ -329,7 +339,10 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
         chain(SERVICE_ENDPOINTS_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::NoEndpointServices)]),
         chain(
             NODEPORT_ENDPOINTS_CHECK,
-            [Some(not_excluded), port_lookup(VerdictMap::NoEndpointNodeports)].into_iter().flatten().collect(),
+            [Some(not_excluded), port_lookup(VerdictMap::NoEndpointNodeports)]
+                .into_iter()
+                .flatten()
+                .collect(),
         ),
     ]
 }
@@ -504,10 +517,14 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         let of_family: Vec<&ServiceRules> =
             services.iter().filter(|((f, _), _)| *f == family.0).map(|(_, r)| r).collect();
 
-        script.line(format_args!("add table {ip} {TABLE} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
+        script
+            .line(format_args!("add table {ip} {TABLE} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
         script.line(format_args!("flush table {ip} {TABLE}"));
 
-        script.line(format_args!("add set {ip} {TABLE} {EXCLUDED} {{ type {}; flags interval; }}", family.addr_type()));
+        script.line(format_args!(
+            "add set {ip} {TABLE} {EXCLUDED} {{ type {}; flags interval; }}",
+            family.addr_type()
+        ));
         script.line(format_args!("flush set {ip} {TABLE} {EXCLUDED}"));
         let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
         if !excluded.is_empty() {
@@ -617,7 +634,8 @@ pub fn render_partial(
 
     for family in Family::BOTH {
         let ip = family.kw();
-        let keys: BTreeSet<(IpFamily, ServicePortName)> = changed.iter().map(|n| (family.0, n.clone())).collect();
+        let keys: BTreeSet<(IpFamily, ServicePortName)> =
+            changed.iter().map(|n| (family.0, n.clone())).collect();
 
         let mut add_sets = Vec::new();
         let mut new_chains = Vec::new();
