@@ -1,0 +1,338 @@
+//! fleetproxy-bench: fleetproxy-agent against upstream kube-proxy, one at a time, each in a fresh
+//! network namespace, against the same real API server (issue 7). Not part of the test suite; see
+//! docs/benchmarks.md for what it measures and how.
+
+mod load;
+mod proxy;
+mod report;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+use crate::{
+    load::{Model, NAMESPACE, Point},
+    proxy::{Mode, Running, Setup, Variant},
+    report::{Latency, RunResult},
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmarks fleetproxy-agent against upstream kube-proxy (see docs/benchmarks.md)")]
+struct Args {
+    /// Points to measure, SERVICESxENDPOINTS, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "100x10,1000x10,5000x10,10000x10,1x10000")]
+    points: Vec<Point>,
+    /// Runs of every proxy at every point and mode (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, value_delimiter = ',', default_value = "iptables,nftables")]
+    modes: Vec<Mode>,
+    /// `equal`: kube-proxy gets the same sync periods as fleetproxy; `defaults`: kube-proxy at its
+    /// defaults (30s / 1s). fleetproxy always runs with --sync-period / --min-sync-period.
+    #[arg(long, value_delimiter = ',', default_value = "equal,defaults")]
+    profiles: Vec<String>,
+    /// syncPeriod of fleetproxy (and of kube-proxy in the `equal` profile).
+    #[arg(long, default_value = "30s")]
+    sync_period: String,
+    /// minSyncPeriod of fleetproxy (and of kube-proxy in the `equal` profile).
+    #[arg(long, default_value = "100ms")]
+    min_sync_period: String,
+    /// Single-endpoint changes per point, mode and proxy, spread evenly over the repeats.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Time between two endpoint changes.
+    #[arg(long, default_value_t = 250)]
+    change_interval_ms: u64,
+    /// Give up on a cold start after this long.
+    #[arg(long, default_value_t = 900)]
+    cold_timeout_s: u64,
+    /// Results: runs.csv, latencies.csv, summary.csv, table.md, bench.png, logs/.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Use this API server instead of starting one (controlplane.sh start --state-dir).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// State directory of the benchmark's own control plane.
+    #[arg(long, default_value = "/tmp/fleetproxy-bench-controlplane")]
+    state_dir: PathBuf,
+    /// fleetproxy-agent binary. Default: next to this binary (build with --release).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// kube-proxy binary. Default: built by controlplane.sh from the pinned Go modules.
+    #[arg(long)]
+    kube_proxy: Option<PathBuf>,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane/controlplane.sh")
+}
+
+/// Runs controlplane.sh with `args`; its last line of output.
+fn controlplane(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(script())
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running controlplane.sh")?;
+    if !out.status.success() {
+        bail!("controlplane.sh {args:?} failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_owned()).context("no output")
+}
+
+fn api_address(kubeconfig: &Kubeconfig) -> Result<SocketAddr> {
+    let server = kubeconfig
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .context("kubeconfig has no server")?;
+    let host = server.trim_start_matches("https://").trim_end_matches('/');
+    host.parse().with_context(|| format!("server {server:?} is not https://IP:PORT on this machine"))
+}
+
+fn profile_variants(profiles: &[String]) -> Result<Vec<Variant>> {
+    let mut variants = vec![Variant::Fleetproxy];
+    for p in profiles {
+        match p.as_str() {
+            "equal" => variants.push(Variant::KubeProxyEqual),
+            "defaults" => variants.push(Variant::KubeProxyDefaults),
+            _ => bail!("unknown profile {p:?} (equal, defaults)"),
+        }
+    }
+    Ok(variants)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    fleetproxy_tests::netns::require_root();
+    fleetproxy_tests::netns::sweep_stale();
+    let variants = profile_variants(&args.profiles)?;
+    let logs = args.out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let out = std::fs::canonicalize(&args.out)?;
+    let logs = std::fs::canonicalize(&logs)?;
+
+    let agent = match &args.agent {
+        Some(a) => a.clone(),
+        None => std::env::current_exe()?.with_file_name("fleetproxy-agent"),
+    };
+    if !agent.is_file() {
+        bail!("{} not found; build it: cargo build --release -p fleetproxy-agent", agent.display());
+    }
+    let kube_proxy = match &args.kube_proxy {
+        Some(k) => k.clone(),
+        None => PathBuf::from(controlplane(&["build", "kube-proxy"])?).join("kube-proxy"),
+    };
+    let kubeconfig_path = match &args.kubeconfig {
+        Some(k) => k.clone(),
+        None => PathBuf::from(controlplane(&["start", &args.state_dir.to_string_lossy()])?),
+    };
+    let kubeconfig = Kubeconfig::read_from(&kubeconfig_path)?;
+    let api = api_address(&kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    let client = Client::try_from(config)?;
+    let setup = Setup {
+        agent,
+        kube_proxy,
+        kubeconfig: kubeconfig_path,
+        api,
+        sync_period: args.sync_period.clone(),
+        min_sync_period: args.min_sync_period.clone(),
+        logs: logs.clone(),
+    };
+    eprintln!(
+        "bench: agent {}, kube-proxy {}, API server {api}, results in {}",
+        setup.agent.display(),
+        setup.kube_proxy.display(),
+        out.display()
+    );
+
+    load::prepare(&client, proxy::NODE_NAME, proxy::NODE_IP).await?;
+    load::wipe(&client).await?;
+    let mut model = Model::default();
+    let mut results = report::Results::create(&out)?;
+    let per_run = args.changes.div_ceil(args.repeats.max(1));
+    let mut seed = 0usize;
+    for &point in &args.points {
+        load::reconcile(&client, &mut model, point).await?;
+        for &mode in &args.modes {
+            for repeat in 0..args.repeats {
+                // Interleaved, so that a machine that slows down over time hurts every proxy alike.
+                for &variant in &variants {
+                    seed += 1;
+                    let tag = format!("{point}-{}-{}-{repeat}", mode.name(), variant.name());
+                    eprintln!("bench: {tag}");
+                    let (run, lat) = run_one(
+                        &client, &setup, &mut model, point, mode, variant, repeat, per_run, &args, seed, &tag,
+                    )
+                    .await
+                    .with_context(|| format!("{tag}; logs in {}", logs.display()))?;
+                    eprintln!("bench:   {}", run.describe(&lat));
+                    results.add(run, lat)?;
+                }
+            }
+        }
+    }
+    let table = results.finish(&args.points, &args.modes, &variants)?;
+    println!("{table}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_one(
+    client: &Client,
+    setup: &Setup,
+    model: &mut Model,
+    point: Point,
+    mode: Mode,
+    variant: Variant,
+    repeat: usize,
+    changes: usize,
+    args: &Args,
+    seed: usize,
+    tag: &str,
+) -> Result<(RunResult, Vec<Latency>)> {
+    let expected = model.expected();
+    let mut running = Running::start(setup, mode, variant, tag)?;
+
+    // Cold start: until every ClusterIP and every endpoint of the load is in the kernel.
+    let deadline = running.started + Duration::from_secs(args.cold_timeout_s);
+    let (cold, poll, cpu_cold) = loop {
+        running.check_alive()?;
+        let t = Instant::now();
+        let dump = running.poll_dump()?;
+        let end = Instant::now();
+        let present = proxy::count_present(&dump, &expected);
+        if present == expected.len() {
+            break ((end - running.started).as_secs_f64(), (end - t).as_secs_f64(), running.cpu_seconds());
+        }
+        if end > deadline {
+            bail!(
+                "cold start: {present} of {} addresses in the kernel after {}s",
+                expected.len(),
+                args.cold_timeout_s
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let dump = running.full_dump()?;
+    let lines = proxy::ruleset_entries(&dump);
+
+    let (latencies, lost) = latency_phase(client, &mut running, model, changes, args, seed).await?;
+    let cpu_total = running.cpu_seconds();
+    let rss = running.peak_rss();
+    running.stop()?;
+    let floor = proxy::kernel_floor(mode, &dump, &setup.logs, tag)?;
+    let run = RunResult {
+        point,
+        mode,
+        variant,
+        repeat,
+        cold_s: cold,
+        poll_s: poll,
+        floor_s: floor,
+        cpu_cold_s: cpu_cold,
+        cpu_total_s: cpu_total,
+        rss_mib: rss as f64 / (1024.0 * 1024.0),
+        lines,
+        bytes: dump.iter().map(String::len).sum(),
+        changes: latencies.len() + lost,
+        lost,
+    };
+    let lat = latencies.into_iter().map(|ms| Latency { point, mode, variant, repeat, ms }).collect();
+    Ok((run, lat))
+}
+
+/// Sends `count` single-endpoint changes, one every `--change-interval-ms`, each to another
+/// EndpointSlice, and polls the kernel until each new address shows up. Latency: from just before
+/// the API write (the trigger time written into the slice) to the end of the first kernel dump that
+/// holds the address.
+async fn latency_phase(
+    client: &Client,
+    running: &mut Running,
+    model: &mut Model,
+    count: usize,
+    args: &Args,
+    seed: usize,
+) -> Result<(Vec<f64>, usize)> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
+    let pending: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let mut services = std::mem::take(&mut model.services);
+    let interval = Duration::from_millis(args.change_interval_ms);
+    let sender = {
+        let pending = Arc::clone(&pending);
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut result = Ok(());
+            for c in 0..count {
+                let n = seed * 7919 + c;
+                let service = (n * 104_729) % services.len();
+                let svc = &mut services[service];
+                let slice = n % svc.slices.len();
+                let ip = load::next_change_ip();
+                lock(&pending).insert(ip, Instant::now());
+                if let Err(e) = load::change_endpoint(&slices, svc, slice, n, ip).await {
+                    result = Err(e);
+                    break;
+                }
+                tokio::time::sleep_until(start + interval * (c as u32 + 1)).await;
+            }
+            (services, result)
+        })
+    };
+    let mut latencies = Vec::with_capacity(count);
+    let mut sent_all_at: Option<Instant> = None;
+    loop {
+        running.check_alive()?;
+        let dump = running.poll_dump()?;
+        let end = Instant::now();
+        {
+            let mut pending = lock(&pending);
+            if !pending.is_empty() {
+                proxy::scan_ips(&dump, |ip| {
+                    if let Some(sent) = pending.remove(&ip) {
+                        latencies.push((end - sent).as_secs_f64() * 1000.0);
+                    }
+                });
+            }
+            let done = sender.is_finished();
+            if done && sent_all_at.is_none() {
+                sent_all_at = Some(end);
+            }
+            if done && pending.is_empty() {
+                break;
+            }
+            if sent_all_at.is_some_and(|t| end - t > Duration::from_secs(120)) {
+                eprintln!("bench:   {} changes never reached the kernel", pending.len());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (services, result) = sender.await?;
+    model.services = services;
+    result?;
+    let lost = count - latencies.len();
+    Ok((latencies, lost))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
