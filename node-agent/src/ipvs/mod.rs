@@ -50,9 +50,13 @@ use crate::{
 };
 
 const NETLINK_TOOL: &str = "IPVS netlink";
-/// Requests sent in one datagram (the kernel acknowledges each one).
-const BATCH_BYTES: usize = 32 * 1024;
+/// Requests sent in one datagram. The kernel acknowledges each one; the acknowledgements of a batch
+/// must fit the socket's receive buffer, or the kernel drops them (ENOBUFS).
+const BATCH_REQUESTS: usize = 100;
+/// Receive buffer asked for (the kernel caps it at net.core.rmem_max).
+const SOCKET_BUFFER: usize = 4 << 20;
 const RECV_BUFFER: usize = 256 * 1024;
+const RECV_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The sysctls IPVS mode needs (as kube-proxy sets them): conntrack for IPVS connections, so that
 /// masquerade works, and expiry of connections to removed real servers.
@@ -106,7 +110,7 @@ impl GenlSocket {
         let seq = socket.next_seq();
         socket.send(&netlink::encode_get_family(seq))?;
         let mut family = None;
-        socket.receive_until(seq, true, |message| {
+        socket.receive_until(seq, false, |message| {
             if let Message::Data { attrs, .. } = message {
                 family = Some(netlink::decode_family_id(attrs).map_err(|e| apply_error(e.to_string()))?);
             }
@@ -192,7 +196,7 @@ impl GenlSocket {
         while index < requests.len() {
             let mut batch = Vec::new();
             let mut seqs = Vec::new();
-            while index < requests.len() && batch.len() < BATCH_BYTES {
+            while index < requests.len() && seqs.len() < BATCH_REQUESTS {
                 let seq = self.next_seq();
                 batch.extend(netlink::encode(&requests[index], self.family, seq));
                 seqs.push((seq, index));
@@ -229,6 +233,12 @@ fn new_socket() -> Result<OwnedFd, DataPlaneError> {
     let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, Some(GENERIC))
         .map_err(|e| io_error("netlink socket", e))?;
     rustix::net::bind(&fd, &SocketAddrNetlink::new(0, 0)).map_err(|e| io_error("bind netlink socket", e))?;
+    // The kernel answers at once; a missing answer must fail the sync, not hang it.
+    rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(RECV_TIMEOUT))
+        .map_err(|e| io_error("set netlink receive timeout", e))?;
+    if let Err(error) = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, SOCKET_BUFFER) {
+        tracing::debug!(%error, "cannot enlarge the netlink receive buffer");
+    }
     Ok(fd)
 }
 
@@ -312,6 +322,8 @@ pub struct IpvsProxier {
     scheduler: IpvsScheduler,
     applied: Option<Applied>,
     state_file: PathBuf,
+    /// Netlink requests and address changes the last successful sync sent.
+    last_changes: usize,
 }
 
 impl IpvsProxier {
@@ -325,11 +337,17 @@ impl IpvsProxier {
             Some(ns) => PathBuf::from(format!("/run/fleetproxy/ipvs-node-ports-{ns}")),
             None => PathBuf::from("/run/fleetproxy/ipvs-node-ports"),
         };
-        Self { runner, scheduler, applied: None, state_file }
+        Self { runner, scheduler, applied: None, state_file, last_changes: 0 }
     }
 
     pub fn scheduler(&self) -> IpvsScheduler {
         self.scheduler
+    }
+
+    /// How many netlink requests and dummy-interface address changes the last successful sync
+    /// sent (0 when the kernel already matched).
+    pub fn last_changes(&self) -> usize {
+        self.last_changes
     }
 
     fn netns(&self) -> Option<String> {
@@ -526,7 +544,8 @@ impl DataPlane for IpvsProxier {
         }
         self.record_node_ports(&desired.node_ports);
         stats.apply = read_time + started.elapsed();
-        stats.payload_size = changeset.requests.len() + changeset.bind.len() + changeset.unbind.len() + lines;
+        self.last_changes = changeset.requests.len() + changeset.bind.len() + changeset.unbind.len();
+        stats.payload_size = self.last_changes + lines;
         self.applied = Some(Applied { desired, settings: settings.clone() });
         Ok(stats)
     }
@@ -594,8 +613,8 @@ mod tests {
 1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever
 2: eth0    inet 172.18.0.2/16 brd 172.18.255.255 scope global eth0\\       valid_lft forever preferred_lft forever
 2: eth0    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever
-5: fleetproxy-ipvs0    inet 10.96.0.10/32 scope global fleetproxy-ipvs0\\       valid_lft forever preferred_lft forever
-5: fleetproxy-ipvs0    inet6 fd00::a/128 scope global \\       valid_lft forever preferred_lft forever
+5: fleetproxy-ipvs    inet 10.96.0.10/32 scope global fleetproxy-ipvs\\       valid_lft forever preferred_lft forever
+5: fleetproxy-ipvs    inet6 fd00::a/128 scope global \\       valid_lft forever preferred_lft forever
 ";
         let addresses = parse_addresses(text);
         assert!(addresses.dummy_exists);

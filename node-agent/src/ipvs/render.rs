@@ -46,8 +46,9 @@ use crate::{
     policy::{NodeSettings, ServicePlan, Target},
 };
 
-/// The dummy interface the service addresses are bound to.
-pub const DUMMY_INTERFACE: &str = "fleetproxy-ipvs0";
+/// The dummy interface the service addresses are bound to. Interface names have at most 15
+/// characters (IFNAMSIZ 16 with the NUL), so not `fleetproxy-ipvs0`.
+pub const DUMMY_INTERFACE: &str = "fleetproxy-ipvs";
 /// Every iptables chain of IPVS mode starts with this.
 pub const CHAIN_PREFIX: &str = "FPVS-";
 pub const NAT_SERVICES: &str = "FPVS-SERVICES";

@@ -1,0 +1,392 @@
+//! IPVS self-test, run inside the VM of `tests/vm/` (a kernel with IPVS) by its init script.
+//!
+//! ```text
+//! ipvs_selftest serve NAME PORT          a TCP server that answers NAME to every connection
+//! ipvs_selftest get ADDR PORT COUNT      COUNT connections, prints what each one answered
+//! ipvs_selftest run                      the assertions (expects pods pod1..pod3 at 10.244.0.2..4
+//!                                        serving their name on port 8080, see tests/vm/init)
+//! ```
+//! `run` prints one `PASS <name>` or `FAIL <name>: <why>` line per check, timings as
+//! `TIME <name> <milliseconds>`, and `SELFTEST DONE` at the end. It programs the kernel through the
+//! agent's own data planes ([`IpvsProxier`], [`IptablesProxier`], [`NftablesProxier`]) in this
+//! process's network namespace.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use fleetproxy_agent::{
+    dataplane::{Changes, DataPlane},
+    exec::Runner,
+    iptables::IptablesProxier,
+    ipvs::IpvsProxier,
+    model::{IpFamily, Protocol, ServicePortName},
+    nftables::NftablesProxier,
+    policy::{NodeSettings, ServicePlan, Target},
+};
+use fleetproxy_api::IpvsScheduler;
+
+const PODS: [(&str, &str); 3] = [("pod1", "10.244.0.2"), ("pod2", "10.244.0.3"), ("pod3", "10.244.0.4")];
+const VIP: &str = "10.96.0.10";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["serve", name, port] => serve(name, port.parse().expect("port")),
+        ["get", addr, port, count] => {
+            for answer in
+                get(addr.parse().expect("addr"), port.parse().expect("port"), count.parse().expect("count"))
+            {
+                println!("{answer}");
+            }
+        }
+        ["run"] => {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            let failures = runtime.block_on(run());
+            println!("SELFTEST DONE failures={failures}");
+        }
+        _ => {
+            eprintln!("usage: ipvs_selftest serve NAME PORT | get ADDR PORT COUNT | run");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn serve(name: &str, port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    for stream in listener.incoming().flatten() {
+        let mut stream = stream;
+        let _ = stream.write_all(format!("{name}\n").as_bytes());
+    }
+}
+
+fn get(addr: IpAddr, port: u16, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let result = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(2))
+                .and_then(|mut stream| {
+                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut text = String::new();
+                    stream.read_to_string(&mut text)?;
+                    Ok(text.trim().to_owned())
+                });
+            result.unwrap_or_else(|e| format!("error:{e}"))
+        })
+        .collect()
+}
+
+/// `get` from inside a pod's network namespace (another process).
+fn get_from(pod: &str, addr: &str, port: u16, count: usize) -> Vec<String> {
+    let me = std::env::current_exe().expect("exe");
+    let output = Command::new("ip")
+        .args(["netns", "exec", pod])
+        .arg(me)
+        .args(["get", addr, &port.to_string(), &count.to_string()])
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+}
+
+fn sh(command: &str) -> String {
+    let output = Command::new("sh").args(["-c", command]).output().expect("sh");
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, result: Result<(), String>) {
+        match result {
+            Ok(()) => println!("PASS {name}"),
+            Err(why) => {
+                self.failures += 1;
+                println!("FAIL {name}: {why}");
+            }
+        }
+    }
+}
+
+fn name(n: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: "default".into(),
+        name: n.into(),
+        port: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn web_plan() -> ServicePlan {
+    let targets: Vec<Target> = PODS
+        .iter()
+        .map(|(_, ip)| Target { ip: ip.parse().expect("ip"), port: 8080, is_local: true })
+        .collect();
+    ServicePlan {
+        name: name("web"),
+        family: IpFamily::V4,
+        protocol: Protocol::Tcp,
+        port: 80,
+        node_port: None,
+        cluster_ips: vec![VIP.parse().expect("ip")],
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity: None,
+        cluster_targets: targets,
+        external_targets: vec![],
+        external_policy_local: false,
+        internal_policy_local: false,
+    }
+}
+
+/// `count` services with `endpoints` endpoints each (addresses that need not exist).
+fn many_plans(count: usize, endpoints: usize) -> Vec<ServicePlan> {
+    (0..count)
+        .map(|i| {
+            let mut plan = web_plan();
+            plan.name = name(&format!("svc-{i}"));
+            plan.cluster_ips = vec![IpAddr::V4(Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250 + 1) as u8))];
+            plan.cluster_targets = (0..endpoints)
+                .map(|e| Target {
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 245, (i / 25) as u8, ((i % 25) * 10 + e + 1) as u8)),
+                    port: 8080,
+                    is_local: false,
+                })
+                .collect();
+            plan
+        })
+        .collect()
+}
+
+fn settings() -> NodeSettings {
+    NodeSettings {
+        excluded_cidrs: vec!["10.0.0.0/24".parse().expect("cidr")],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        masquerade_all: false,
+        masquerade_bit: 14,
+        node_port_addresses: vec![],
+    }
+}
+
+fn counts(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for answer in answers {
+        *out.entry(answer.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+fn no_iptables_mode_left() -> Result<(), String> {
+    let dump = sh("iptables-save");
+    let left: Vec<&str> = dump.lines().filter(|l| l.contains(" FP-") || l.starts_with(":FP-")).collect();
+    if left.is_empty() { Ok(()) } else { Err(format!("iptables objects left: {left:?}")) }
+}
+
+fn no_ipvs_mode_left() -> Result<(), String> {
+    let table = sh("ipvsadm -Ln");
+    let services: Vec<&str> =
+        table.lines().filter(|l| l.starts_with("TCP") || l.starts_with("UDP")).collect();
+    let link = sh("ip -o link show");
+    let dump = sh("iptables-save");
+    let chains: Vec<&str> = dump.lines().filter(|l| l.contains("FPVS-")).collect();
+    if !services.is_empty() {
+        Err(format!("virtual servers left: {services:?}"))
+    } else if link.contains("fleetproxy-ipvs") {
+        Err("dummy interface left".into())
+    } else if !chains.is_empty() {
+        Err(format!("FPVS chains left: {chains:?}"))
+    } else {
+        Ok(())
+    }
+}
+
+fn no_nftables_mode_left() -> Result<(), String> {
+    let tables = sh("nft list tables");
+    if tables.contains("fleetproxy") { Err(format!("nftables tables left: {tables}")) } else { Ok(()) }
+}
+
+fn all_answer(answers: &[String]) -> Result<(), String> {
+    let names: Vec<&str> = PODS.iter().map(|(n, _)| *n).collect();
+    if answers.iter().all(|a| names.contains(&a.as_str())) {
+        Ok(())
+    } else {
+        Err(format!("answers {:?}", counts(answers)))
+    }
+}
+
+async fn run() -> usize {
+    let mut report = Report { failures: 0 };
+    let settings = settings();
+    let plans = vec![web_plan()];
+
+    // --- IPVS, rr ---
+    let mut ipvs = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Rr);
+    report.check("probe", ipvs.probe().await.map_err(|e| e.to_string()));
+    let started = Instant::now();
+    let synced = ipvs.sync(&plans, &settings, &Changes::Full).await;
+    println!("TIME ipvs-sync-1x3 {}", started.elapsed().as_millis());
+    report.check("sync-rr", synced.map(drop).map_err(|e| e.to_string()));
+    let table = sh("ipvsadm -Ln");
+    println!("{table}");
+    report.check(
+        "ipvsadm-table",
+        (|| {
+            if !table.contains("TCP  10.96.0.10:80 rr") {
+                return Err(format!("no rr virtual server in {table}"));
+            }
+            for (_, ip) in PODS {
+                if !table.contains(&format!("-> {ip}:8080")) || !table.contains("Masq    1") {
+                    return Err(format!("real server {ip}:8080 Masq 1 missing in {table}"));
+                }
+            }
+            Ok(())
+        })(),
+    );
+    report.check(
+        "rule-count",
+        match ipvs.rule_count().await {
+            Ok(4) => Ok(()),
+            other => Err(format!("{other:?}, expected 1 service + 3 destinations")),
+        },
+    );
+    let answers = get(VIP.parse().expect("ip"), 80, 30);
+    let spread = counts(&answers);
+    report.check(
+        "rr-spreads-evenly",
+        all_answer(&answers).and_then(|()| {
+            if spread.len() == 3 && spread.values().all(|n| *n == 10) {
+                Ok(())
+            } else {
+                Err(format!("{spread:?}"))
+            }
+        }),
+    );
+    let from_pod = get_from("pod1", VIP, 80, 6);
+    report.check(
+        "rr-from-a-pod",
+        all_answer(&from_pod).and_then(|()| {
+            if counts(&from_pod).len() == 3 { Ok(()) } else { Err(format!("{:?}", counts(&from_pod))) }
+        }),
+    );
+
+    // --- IPVS, sh: one source, one real server ---
+    let mut ipvs_sh = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Sh);
+    report.check(
+        "sync-sh",
+        ipvs_sh.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    let table = sh("ipvsadm -Ln");
+    report.check(
+        "ipvsadm-sh",
+        if table.contains("TCP  10.96.0.10:80 sh") { Ok(()) } else { Err(table.clone()) },
+    );
+    let mut pinned = Vec::new();
+    for source in ["pod1", "pod2", "pod3"] {
+        let answers = get_from(source, VIP, 80, 8);
+        let spread = counts(&answers);
+        report.check(
+            &format!("sh-pins-{source}"),
+            all_answer(&answers)
+                .and_then(|()| if spread.len() == 1 { Ok(()) } else { Err(format!("{spread:?}")) }),
+        );
+        pinned.extend(spread.into_keys());
+    }
+    println!("INFO sh-pinned {pinned:?}");
+    ipvs = ipvs_sh;
+
+    // --- 1,000 services x 10 endpoints ---
+    let many = many_plans(1000, 10);
+    let started = Instant::now();
+    let stats = ipvs.sync(&many, &settings, &Changes::Full).await;
+    let first = started.elapsed();
+    report.check("sync-1000x10", stats.as_ref().map(drop).map_err(|e| e.to_string()));
+    println!("TIME ipvs-sync-1000x10 {}", first.as_millis());
+    if let Ok(stats) = stats {
+        println!(
+            "INFO ipvs-sync-1000x10 payload={} render={:?} apply={:?}",
+            stats.payload_size, stats.render, stats.apply
+        );
+    }
+    let started = Instant::now();
+    let again = ipvs.sync(&many, &settings, &Changes::Full).await;
+    println!("TIME ipvs-resync-1000x10-unchanged {}", started.elapsed().as_millis());
+    report.check(
+        "resync-unchanged-sends-nothing",
+        match again {
+            Ok(_) if ipvs.last_changes() == 0 => Ok(()),
+            Ok(_) => Err(format!(
+                "{} netlink requests or address changes on an unchanged resync",
+                ipvs.last_changes()
+            )),
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    report.check(
+        "rule-count-1000x10",
+        match ipvs.rule_count().await {
+            Ok(11000) => Ok(()),
+            other => Err(format!("{other:?}, expected 11000")),
+        },
+    );
+    report.check(
+        "back-to-one",
+        ipvs.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    report.check(
+        "rule-count-after-shrink",
+        match ipvs.rule_count().await {
+            Ok(4) => Ok(()),
+            other => Err(format!("{other:?}, expected 4")),
+        },
+    );
+
+    // --- switches: ipvs -> iptables -> ipvs -> nftables -> ipvs, new mode first, old one cleaned ---
+    let mut iptables = IptablesProxier::new(Runner::host());
+    report.check(
+        "switch-to-iptables",
+        iptables.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    report.check("cleanup-ipvs", ipvs.cleanup().await.map_err(|e| e.to_string()));
+    report.check("no-ipvs-left-after-iptables", no_ipvs_mode_left());
+    report.check("traffic-iptables", all_answer(&get(VIP.parse().expect("ip"), 80, 6)));
+
+    let mut ipvs = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Rr);
+    report.check(
+        "switch-iptables-to-ipvs",
+        ipvs.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    report.check("cleanup-iptables", iptables.cleanup().await.map_err(|e| e.to_string()));
+    report.check("no-iptables-left", no_iptables_mode_left());
+    report.check("traffic-ipvs-after-iptables", all_answer(&get(VIP.parse().expect("ip"), 80, 6)));
+
+    let mut nftables = NftablesProxier::new(Runner::host());
+    report.check(
+        "switch-ipvs-to-nftables",
+        nftables.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    report.check("cleanup-ipvs-2", ipvs.cleanup().await.map_err(|e| e.to_string()));
+    report.check("no-ipvs-left-after-nftables", no_ipvs_mode_left());
+    report.check("traffic-nftables", all_answer(&get(VIP.parse().expect("ip"), 80, 6)));
+
+    let mut ipvs = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Rr);
+    report.check(
+        "switch-nftables-to-ipvs",
+        ipvs.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+    );
+    report.check("cleanup-nftables", nftables.cleanup().await.map_err(|e| e.to_string()));
+    report.check("no-nftables-left", no_nftables_mode_left());
+    report.check("traffic-ipvs-after-nftables", all_answer(&get(VIP.parse().expect("ip"), 80, 6)));
+
+    report.check("final-cleanup", ipvs.cleanup().await.map_err(|e| e.to_string()));
+    report.check(
+        "nothing-left",
+        no_ipvs_mode_left().and_then(|()| no_iptables_mode_left()).and_then(|()| no_nftables_mode_left()),
+    );
+    report.failures
+}
