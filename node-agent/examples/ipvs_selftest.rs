@@ -1,10 +1,11 @@
 //! IPVS self-test, run inside the VM of `tests/vm/` (a kernel with IPVS) by its init script.
 //!
 //! ```text
-//! ipvs_selftest serve NAME PORT          a TCP server that answers NAME to every connection
+//! ipvs_selftest serve NAME PORT          answers NAME to every TCP connection and UDP datagram
+//!                                        (TCP on PORT, UDP on 5353, both families)
 //! ipvs_selftest get ADDR PORT COUNT      COUNT connections, prints what each one answered
 //! ipvs_selftest run                      the assertions (expects pods pod1..pod3 at 10.244.0.2..4
-//!                                        serving their name on port 8080, see tests/vm/init)
+//!                                        and fd00:244::2..4 serving their name, see tests/vm/init)
 //! ```
 //! `run` prints one `PASS <name>` or `FAIL <name>: <why>` line per check, timings as
 //! `TIME <name> <milliseconds>`, and `SELFTEST DONE` at the end. It programs the kernel through the
@@ -14,7 +15,7 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     time::{Duration, Instant},
 };
@@ -32,6 +33,9 @@ use fleetproxy_api::IpvsScheduler;
 
 const PODS: [(&str, &str); 3] = [("pod1", "10.244.0.2"), ("pod2", "10.244.0.3"), ("pod3", "10.244.0.4")];
 const VIP: &str = "10.96.0.10";
+const VIP6: &str = "fd00:96::10";
+const DNS_VIP: &str = "10.96.0.20";
+const UDP_PORT: u16 = 5353;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -58,7 +62,16 @@ fn main() {
 }
 
 fn serve(name: &str, port: u16) {
-    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let udp = UdpSocket::bind(("::", UDP_PORT)).expect("bind udp");
+    let answer = name.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(answer.as_bytes(), peer);
+        }
+    });
+    // "::" accepts both families (net.ipv6.bindv6only is 0).
+    let listener = TcpListener::bind(("::", port)).expect("bind");
     for stream in listener.incoming().flatten() {
         let mut stream = stream;
         let _ = stream.write_all(format!("{name}\n").as_bytes());
@@ -75,6 +88,22 @@ fn get(addr: IpAddr, port: u16, count: usize) -> Vec<String> {
                     stream.read_to_string(&mut text)?;
                     Ok(text.trim().to_owned())
                 });
+            result.unwrap_or_else(|e| format!("error:{e}"))
+        })
+        .collect()
+}
+
+/// One datagram each from `count` fresh sockets (new source ports: new IPVS connections).
+fn get_udp(addr: IpAddr, port: u16, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let result = UdpSocket::bind(("0.0.0.0", 0)).and_then(|socket| {
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.send_to(b"who", (addr, port))?;
+                let mut buf = [0u8; 64];
+                let len = socket.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..len]).trim().to_owned())
+            });
             result.unwrap_or_else(|e| format!("error:{e}"))
         })
         .collect()
@@ -145,6 +174,31 @@ fn web_plan() -> ServicePlan {
     }
 }
 
+/// The IPv6 twin of [`web_plan`].
+fn web6_plan() -> ServicePlan {
+    let mut plan = web_plan();
+    plan.name = name("web6");
+    plan.family = IpFamily::V6;
+    plan.cluster_ips = vec![VIP6.parse().expect("ip")];
+    plan.cluster_targets = (2..=4)
+        .map(|i| Target { ip: format!("fd00:244::{i}").parse().expect("ip"), port: 8080, is_local: true })
+        .collect();
+    plan
+}
+
+/// A UDP service on port 53 to the pods' UDP port.
+fn dns_plan() -> ServicePlan {
+    let mut plan = web_plan();
+    plan.name = ServicePortName { protocol: Protocol::Udp, ..name("dns") };
+    plan.protocol = Protocol::Udp;
+    plan.port = 53;
+    plan.cluster_ips = vec![DNS_VIP.parse().expect("ip")];
+    for target in &mut plan.cluster_targets {
+        target.port = UDP_PORT;
+    }
+    plan
+}
+
 /// `count` services with `endpoints` endpoints each (addresses that need not exist).
 fn many_plans(count: usize, endpoints: usize) -> Vec<ServicePlan> {
     (0..count)
@@ -167,7 +221,7 @@ fn many_plans(count: usize, endpoints: usize) -> Vec<ServicePlan> {
 fn settings() -> NodeSettings {
     NodeSettings {
         excluded_cidrs: vec!["10.0.0.0/24".parse().expect("cidr")],
-        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr"), "fd00:244::/64".parse().expect("cidr")],
         masquerade_all: false,
         masquerade_bit: 14,
         node_port_addresses: vec![],
@@ -223,7 +277,7 @@ fn all_answer(answers: &[String]) -> Result<(), String> {
 async fn run() -> usize {
     let mut report = Report { failures: 0 };
     let settings = settings();
-    let plans = vec![web_plan()];
+    let plans = vec![web_plan(), web6_plan(), dns_plan()];
 
     // --- IPVS, rr ---
     let mut ipvs = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Rr);
@@ -251,8 +305,8 @@ async fn run() -> usize {
     report.check(
         "rule-count",
         match ipvs.rule_count().await {
-            Ok(4) => Ok(()),
-            other => Err(format!("{other:?}, expected 1 service + 3 destinations")),
+            Ok(12) => Ok(()),
+            other => Err(format!("{other:?}, expected 3 services + 9 destinations")),
         },
     );
     let answers = get(VIP.parse().expect("ip"), 80, 30);
@@ -273,6 +327,33 @@ async fn run() -> usize {
         all_answer(&from_pod).and_then(|()| {
             if counts(&from_pod).len() == 3 { Ok(()) } else { Err(format!("{:?}", counts(&from_pod))) }
         }),
+    );
+
+    report.check(
+        "ipvsadm-ipv6-and-udp",
+        if table.contains("TCP  [fd00:96::10]:80 rr") && table.contains("UDP  10.96.0.20:53 rr") {
+            Ok(())
+        } else {
+            Err(table.clone())
+        },
+    );
+    let answers6 = get(VIP6.parse().expect("ip"), 80, 9);
+    let spread6 = counts(&answers6);
+    report.check(
+        "ipv6-rr-spreads-evenly",
+        all_answer(&answers6).and_then(|()| {
+            if spread6.len() == 3 && spread6.values().all(|n| *n == 3) {
+                Ok(())
+            } else {
+                Err(format!("{spread6:?}"))
+            }
+        }),
+    );
+    let udp = get_udp(DNS_VIP.parse().expect("ip"), 53, 6);
+    report.check(
+        "udp-rr",
+        all_answer(&udp)
+            .and_then(|()| if counts(&udp).len() == 3 { Ok(()) } else { Err(format!("{:?}", counts(&udp))) }),
     );
 
     // --- IPVS, sh: one source, one real server ---
@@ -341,8 +422,8 @@ async fn run() -> usize {
     report.check(
         "rule-count-after-shrink",
         match ipvs.rule_count().await {
-            Ok(4) => Ok(()),
-            other => Err(format!("{other:?}, expected 4")),
+            Ok(12) => Ok(()),
+            other => Err(format!("{other:?}, expected 12")),
         },
     );
 

@@ -1,8 +1,8 @@
 //! IPVS mode on a real IPVS kernel: boots Debian's kernel under qemu (tests/vm/run.sh, built by
 //! tests/vm/build.sh from Debian packages and cached under ~/.cache/fleetproxy/vm) with the self-test
 //! `node-agent/examples/ipvs_selftest.rs` inside, and checks what it printed on the console:
-//! the IPVS table, rr and sh traffic through a ClusterIP to pods in network namespaces, 1,000
-//! Services × 10 endpoints, and switches iptables → ipvs → nftables → ipvs leaving nothing behind.
+//! the IPVS table, rr and sh traffic through ClusterIPs (TCP and UDP, IPv4 and IPv6) to pods in
+//! network namespaces, 1,000 Services × 10 endpoints, and switches iptables → ipvs → nftables → ipvs leaving nothing behind.
 //!
 //! The host kernel of the build machine has no IPVS, hence the VM. Skipped (loudly) only where qemu
 //! cannot start at all.
@@ -80,6 +80,8 @@ fn ipvs_in_a_vm() {
     for check in [
         "ipvsadm-table",
         "rr-spreads-evenly",
+        "ipv6-rr-spreads-evenly",
+        "udp-rr",
         "sh-pins-pod1",
         "sh-pins-pod2",
         "sh-pins-pod3",

@@ -300,7 +300,10 @@ fn parse_addresses(text: &str) -> Addresses {
         }
         let Some(ip) = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
         if interface == DUMMY_INTERFACE {
-            out.bound.insert(ip);
+            // A link-local address the kernel gave the interface is not a service address.
+            if !matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80) {
+                out.bound.insert(ip);
+            }
         } else {
             out.node.insert(ip);
         }
@@ -493,6 +496,12 @@ impl DataPlane for IpvsProxier {
         let addresses = self.addresses().await?;
         if !addresses.dummy_exists {
             self.runner.run("ip", &["link", "add", DUMMY_INTERFACE, "type", "dummy"], None).await?;
+            // Up: IPv6 addresses on a down link stay tentative and are not local addresses yet. No
+            // link-local address of its own (addrgenmode none): every address on it is a service's.
+            self.runner
+                .run("ip", &["link", "set", "dev", DUMMY_INTERFACE, "addrgenmode", "none"], None)
+                .await?;
+            self.runner.run("ip", &["link", "set", "dev", DUMMY_INTERFACE, "up"], None).await?;
             // Best effort: a failing sysctl (an older kernel) does not stop the sync.
             if let Err(error) =
                 self.runner.run("sysctl", &["-w", SYSCTLS[0], SYSCTLS[1], SYSCTLS[2]], None).await
@@ -615,6 +624,7 @@ mod tests {
 2: eth0    inet6 fe80::1/64 scope link \\       valid_lft forever preferred_lft forever
 5: fleetproxy-ipvs    inet 10.96.0.10/32 scope global fleetproxy-ipvs\\       valid_lft forever preferred_lft forever
 5: fleetproxy-ipvs    inet6 fd00::a/128 scope global \\       valid_lft forever preferred_lft forever
+5: fleetproxy-ipvs    inet6 fe80::8c1:2ff:fe3d:1/64 scope link \\       valid_lft forever preferred_lft forever
 ";
         let addresses = parse_addresses(text);
         assert!(addresses.dummy_exists);
