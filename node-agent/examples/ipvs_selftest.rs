@@ -81,9 +81,9 @@ fn serve(name: &str, port: u16) {
 fn get(addr: IpAddr, port: u16, count: usize) -> Vec<String> {
     (0..count)
         .map(|_| {
-            let result = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(2))
+            let result = TcpStream::connect_timeout(&SocketAddr::new(addr, port), Duration::from_secs(5))
                 .and_then(|mut stream| {
-                    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
                     let mut text = String::new();
                     stream.read_to_string(&mut text)?;
                     Ok(text.trim().to_owned())
@@ -98,7 +98,7 @@ fn get_udp(addr: IpAddr, port: u16, count: usize) -> Vec<String> {
     (0..count)
         .map(|_| {
             let result = UdpSocket::bind(("0.0.0.0", 0)).and_then(|socket| {
-                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.set_read_timeout(Some(Duration::from_secs(5)))?;
                 socket.send_to(b"who", (addr, port))?;
                 let mut buf = [0u8; 64];
                 let len = socket.recv(&mut buf)?;
