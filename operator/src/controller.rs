@@ -34,12 +34,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, PartialObjectMeta, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, Preconditions},
     runtime::{
         Controller, WatchStreamExt,
         controller::{Action, Config as ControllerConfig},
         events::{Event, EventType, Recorder, Reporter},
-        finalizer::{Event as FinalizerEvent, finalizer},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -50,14 +49,18 @@ use crate::{
     daemonset::{self, AGENT_NAME, AgentSettings, NAME_LABEL},
     metrics::Metrics,
     rollout::{self, NodeView, RolloutPlan, Verdict},
-    selection::{self, Selection},
+    selection,
     status::{self, reasons},
 };
 
 /// Server-side apply field manager of every object the operator writes.
 pub const FIELD_MANAGER: &str = "fleetproxy-operator";
-/// Finalizer on ProxyConfigs: clean up what the operator created for the config before it goes.
-pub const FINALIZER: &str = "fleetproxy.io/cleanup";
+/// Marks the ProxyNodes the operator created: the only ones it ever deletes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// How often a wait for the watch caches re-checks them.
+const CACHE_POLL: Duration = Duration::from_millis(200);
+/// How often the operator looks for ProxyNodes that deleted configs left behind.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
 /// How long to wait, after a rollout round, before looking again without any event.
 const REQUEUE_PROGRESSING: Duration = Duration::from_secs(30);
 /// How often to refresh a settled config's status (lastSync and ruleCount do not trigger).
@@ -68,8 +71,6 @@ const REQUEUE_AFTER_ERROR: Duration = Duration::from_secs(15);
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("a watch cache stopped before it was filled")]
     CacheNotReady,
 }
@@ -235,6 +236,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
         metrics,
         agent: settings.agent,
     });
+    let sweeper = tokio::spawn(sweep_forever(context.clone()));
     controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
@@ -245,6 +247,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
             }
         })
         .await;
+    sweeper.abort();
 }
 
 fn error_policy(config: Arc<ProxyConfig>, error: &Error, _: Arc<Context>) -> Action {
@@ -254,28 +257,14 @@ fn error_policy(config: Arc<ProxyConfig>, error: &Error, _: Arc<Context>) -> Act
 
 async fn reconcile(config: Arc<ProxyConfig>, context: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
-    for ready in [
-        context.configs.wait_until_ready().await,
-        context.nodes.wait_until_ready().await,
-        context.proxy_nodes.wait_until_ready().await,
-    ] {
-        ready.map_err(|_| Error::CacheNotReady)?;
-    }
-    // The finalizer helper adds our finalizer to a live config, and removes it from a deleted one
-    // after cleanup: one patch each.
-    let has_finalizer = config.finalizers().iter().any(|f| f == FINALIZER);
-    if has_finalizer == config.metadata.deletion_timestamp.is_some() {
-        context.metrics.api_write("ProxyConfig");
-    }
-    let api: Api<ProxyConfig> = Api::all(context.client.clone());
-    let result = finalizer(&api, FINALIZER, config, |event| async {
-        match event {
-            FinalizerEvent::Apply(config) => apply(&config, &context).await,
-            FinalizerEvent::Cleanup(config) => cleanup(&config, &context).await,
-        }
-    })
-    .await
-    .map_err(|error| Error::Finalizer(Box::new(error)));
+    context.caches_ready().await?;
+    // A config being deleted (someone else's finalizer holds it) governs nothing any more; what it
+    // leaves behind is swept (see `sweep_orphans`).
+    let result = if config.metadata.deletion_timestamp.is_some() {
+        Ok(Action::await_change())
+    } else {
+        apply(&config, &context).await
+    };
     context.metrics.reconciled(if result.is_ok() { "ok" } else { "error" }, started.elapsed());
     result
 }
@@ -341,10 +330,31 @@ impl Context {
         let (Some(name), Some(owner)) = (node.name.as_deref(), node_owner(node)) else { return Ok(None) };
         let mut proxy_node = ProxyNode::new(name, rollout::desired_spec(config));
         proxy_node.metadata.owner_references = Some(vec![owner]);
+        proxy_node.metadata.labels = Some([(MANAGED_BY_LABEL.to_owned(), FIELD_MANAGER.to_owned())].into());
         let api: Api<ProxyNode> = Api::all(self.client.clone());
         let written = api.patch(name, &apply_params(), &Patch::Apply(&proxy_node)).await?;
         self.metrics.api_write("ProxyNode");
         Ok(Some(written))
+    }
+
+    /// Waits until every watch cache holds its first complete list. A store's readiness wakes only
+    /// the task that polled it last (kube-runtime's DelayedInit keeps one waker), and the sweeper and
+    /// the reconciler wait at the same time: so wait in short rounds, each of which re-checks.
+    async fn caches_ready(&self) -> Result<(), Error> {
+        async fn ready<K>(store: &Store<K>) -> Result<(), Error>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            loop {
+                if let Ok(ready) = tokio::time::timeout(CACHE_POLL, store.wait_until_ready()).await {
+                    return ready.map_err(|_| Error::CacheNotReady);
+                }
+            }
+        }
+        ready(&self.configs).await?;
+        ready(&self.nodes).await?;
+        ready(&self.proxy_nodes).await
     }
 
     /// Deletes a ProxyNode unless it changed since it was read.
@@ -399,7 +409,7 @@ async fn apply(config: &ProxyConfig, context: &Context) -> Result<Action, Error>
         }
     }
     announce_assignments(config, context, &plan).await;
-    release_ungoverned(config, context, &selection, &node_meta).await?;
+    sweep_orphans(context).await?;
 
     // The status describes the fleet after this round's writes.
     let views = views(&current);
@@ -466,31 +476,6 @@ async fn announce_assignments(config: &ProxyConfig, context: &Context, plan: &Ro
     }
 }
 
-/// Deletes this config's ProxyNodes on nodes that no config selects any more. Nodes another config
-/// now governs are left for that config's rollout to take over (their agents carry traffic), and
-/// nodes in a conflict are left alone; ProxyNodes of deleted Nodes go with their Node.
-async fn release_ungoverned(
-    config: &ProxyConfig,
-    context: &Context,
-    selection: &Selection,
-    node_meta: &HashMap<&str, &ObjectMeta>,
-) -> Result<(), Error> {
-    let name = config.name_any();
-    let contested: Vec<String> = selection.conflicts_of(&name).into_iter().map(|c| c.node).collect();
-    for proxy_node in context.proxy_nodes.state() {
-        let node = proxy_node.name_any();
-        let ungoverned = proxy_node.spec.config_name == name
-            && node_meta.contains_key(node.as_str())
-            && selection.governor_of(&node).is_none()
-            && !contested.contains(&node);
-        if ungoverned {
-            info!(config = %name, %node, "node is no longer selected; deleting its ProxyNode");
-            context.delete_proxy_node(&proxy_node).await?;
-        }
-    }
-    Ok(())
-}
-
 /// Events for the rollout's milestones, on the change of the condition that shows them.
 async fn announce_transitions(config: &ProxyConfig, context: &Context, new: &ProxyConfigStatus) {
     let reason_of = |status: Option<&ProxyConfigStatus>, type_: &str| {
@@ -537,36 +522,46 @@ async fn write_status(
     Ok(())
 }
 
-/// The config is being deleted: delete the ProxyNodes it governs, and the DaemonSet with the last
-/// config. An agent whose ProxyNode is gone keeps running its last mode with its last rules:
-/// removing the operator's objects must not black-hole Service traffic; the agents stop when their
-/// DaemonSet goes, and they leave the kernel as it is (an agent never flushes on exit).
-/// Nodes another config now selects keep their ProxyNode, for that config's rollout to take over.
-async fn cleanup(config: &ProxyConfig, context: &Context) -> Result<Action, Error> {
-    let name = config.name_any();
+/// Deletes the ProxyNodes (of ours) of nodes that no live config selects any more: their config was deleted,
+/// or its selector no longer matches. Nodes another config now selects keep their ProxyNode, for that
+/// config's rollout to take over (their agents carry traffic), and so do nodes in a conflict.
+///
+/// ProxyConfigs carry no finalizer: `helm uninstall` deletes the operator's RBAC and Deployment
+/// together with the config, so a finalizer could be left with nobody to remove it, and the config
+/// would hang in Terminating. What a deleted config leaves behind is found here instead; the agent
+/// DaemonSet goes with its last owning config through the garbage collector, and a ProxyNode goes with
+/// its Node. An agent whose ProxyNode is gone keeps its last mode and rules: removing the operator's
+/// objects must not black-hole Service traffic (an agent never flushes on exit either).
+async fn sweep_orphans(context: &Context) -> Result<(), Error> {
     let configs = context.configs.state();
     let nodes = context.nodes.state();
     let selection = selection::select(configs.iter().map(AsRef::as_ref), nodes.iter().map(|n| &n.metadata));
-    // From the API, not the cache: a ProxyNode created moments ago must not be left behind.
-    let api: Api<ProxyNode> = Api::all(context.client.clone());
-    let mut deleted = 0usize;
-    for proxy_node in api.list(&ListParams::default()).await? {
-        if proxy_node.spec.config_name == name && selection.governor_of(&proxy_node.name_any()).is_none() {
+    for proxy_node in context.proxy_nodes.state() {
+        let node = proxy_node.name_any();
+        let ours = proxy_node.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(FIELD_MANAGER);
+        if ours && !selection.is_claimed(&node) {
+            info!(config = %proxy_node.spec.config_name, %node, "no config selects the node; deleting its ProxyNode");
             context.delete_proxy_node(&proxy_node).await?;
-            deleted += 1;
         }
     }
-    let last = !configs.iter().any(|c| c.name_any() != name && selection::is_live(c));
-    if let (true, Some(agent)) = (last, &context.agent) {
-        let daemonsets: Api<DaemonSet> = Api::namespaced(context.client.clone(), &agent.namespace);
-        match daemonsets.delete(AGENT_NAME, &DeleteParams::default()).await {
-            Ok(_) => context.metrics.api_write("DaemonSet"),
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(error) => return Err(error.into()),
+    Ok(())
+}
+
+/// Runs [`sweep_orphans`] every [`SWEEP_INTERVAL`] from the watch caches: no API call unless there is
+/// something to delete, and it works when the last config is gone (no reconcile runs then).
+async fn sweep_forever(context: Arc<Context>) {
+    if context.caches_ready().await.is_err() {
+        warn!("a watch cache stopped before it was filled; not sweeping ProxyNodes");
+        return;
+    }
+    info!(interval = ?SWEEP_INTERVAL, "sweeping ProxyNodes of nodes that no config selects");
+    let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        ticks.tick().await;
+        if let Err(error) = sweep_orphans(&context).await {
+            warn!(%error, "sweeping ProxyNodes of deleted configs; will retry");
         }
     }
-    info!(config = %name, proxy_nodes = deleted, daemonset_deleted = last && context.agent.is_some(), "cleaned up");
-    Ok(Action::await_change())
 }
 
 #[cfg(test)]

@@ -70,7 +70,7 @@ fn stable_hash(bytes: &[u8]) -> String {
 }
 
 /// The agent DaemonSet. `owners` are the live ProxyConfigs: the DaemonSet is shared by all of them and
-/// garbage-collected once none is left (the finalizer also deletes it explicitly).
+/// garbage-collected once none is left.
 pub fn agent_daemonset(settings: &AgentSettings, owners: Vec<OwnerReference>) -> DaemonSet {
     let container = Container {
         name: "agent".to_owned(),

@@ -87,6 +87,11 @@ impl Selection {
         self.governed.iter().find(|(_, nodes)| nodes.contains(node)).map(|(config, _)| config.as_str())
     }
 
+    /// Whether any live config selects this node, alone or in a conflict.
+    pub fn is_claimed(&self, node: &str) -> bool {
+        self.contested.contains_key(node) || self.governor_of(node).is_some()
+    }
+
     /// The nodes this config selects together with other configs, sorted by node name.
     pub fn conflicts_of(&self, config: &str) -> Vec<Conflict> {
         self.contested

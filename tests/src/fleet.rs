@@ -28,8 +28,8 @@
 //!
 //! An operator acts on every ProxyConfig of the cluster, so two fleets with operators must not run at
 //! once against one control plane: [`Fleet::create`] takes a host-wide lock, held until the fleet is
-//! dropped. Dropping a fleet deletes its ProxyConfigs (while its operator still runs, so that the
-//! finalizer completes), stops its processes, deletes its namespaces and its API objects.
+//! dropped. Dropping a fleet deletes its ProxyConfigs, stops its processes, deletes its namespaces
+//! and its API objects (ProxyNodes go with their Nodes).
 
 pub mod kubelet;
 
@@ -713,7 +713,6 @@ impl Drop for Fleet {
             eprintln!("fleet {}: logs in {}", self.id, self.dir.display());
             self.dump_logs();
         }
-        // While the operator still runs, so that its finalizer completes.
         if let Err(e) = self.delete_proxyconfigs(Duration::from_secs(20)) {
             eprintln!("fleet {}: deleting ProxyConfigs: {e:#}", self.id);
         }
@@ -721,20 +720,6 @@ impl Drop for Fleet {
             self.kubelet.kill(&pod);
         }
         let selector = format!("{FLEET_LABEL}={}", self.id);
-        // A config whose finalizer no operator will remove any more.
-        if let Ok(names) =
-            run(kubectl(&self.kubeconfig).args(["get", "proxyconfigs", "-l", &selector, "-o", "name"]))
-        {
-            for name in names.lines().filter(|l| !l.is_empty()) {
-                let _ = run(kubectl(&self.kubeconfig).args([
-                    "patch",
-                    name,
-                    "--type=merge",
-                    "-p",
-                    r#"{"metadata":{"finalizers":null}}"#,
-                ]));
-            }
-        }
         for args in [
             vec!["delete", "nodes", "-l", &selector, "--wait=false", "--ignore-not-found"],
             vec!["delete", "namespace", &self.id, "--wait=false", "--ignore-not-found"],

@@ -242,8 +242,8 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
         eprintln!("  agent on {}: {writes} API writes", node.name);
     }
 
-    // Deleting the ProxyConfig removes what the operator created: the ProxyNodes, and the config
-    // itself once the operator's finalizer is done.
+    // Deleting the ProxyConfig removes what the operator created: the operator sweeps the ProxyNodes
+    // of nodes that no config selects any more.
     let configs: Api<ProxyConfig> = Api::all(setup.client.clone());
     configs.delete(&setup.config, &DeleteParams::default()).await?;
     eventually("the ProxyConfig and its ProxyNodes to go", Duration::from_secs(60), || async {
@@ -254,7 +254,11 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
             }
         }
         let config_left = configs.get_opt(&setup.config).await?.is_some();
-        Ok((left.is_empty() && !config_left).then_some(()))
+        ensure!(
+            left.is_empty() && !config_left,
+            "ProxyNodes left: {left:?}; ProxyConfig left: {config_left}"
+        );
+        Ok(Some(()))
     })
     .await?;
     // The agents keep serving with their last rules: removing the operator's objects must not

@@ -242,7 +242,7 @@ impl Demo {
             run(kubectl(&self.kubeconfig).args(["get", "proxyconfigs", "-l", &selector, "-o", "name"]))?;
         if release || !config.trim().is_empty() {
             say("   removing what a previous demo left behind");
-            self.uninstall(false)?;
+            self.uninstall()?;
         }
         Ok(())
     }
@@ -326,36 +326,9 @@ impl Demo {
         Ok(())
     }
 
-    /// Removes the release. With an operator running, the ProxyConfig goes first, while the operator
-    /// and its RBAC are still there to run its finalizer (`helm uninstall` deletes them together);
-    /// without one, nothing would run it, so it is dropped.
-    fn uninstall(&self, operator_running: bool) -> Result<()> {
-        if operator_running {
-            let delete = ["delete", "proxyconfig", CONFIG, "--ignore-not-found", "--timeout=30s"];
-            if let Err(e) = run(kubectl(&self.kubeconfig).args(delete)) {
-                say(&format!("   kubectl delete proxyconfig {CONFIG}: {e:#}"));
-            }
-        }
-        let left = run(kubectl(&self.kubeconfig).args([
-            "get",
-            "proxyconfig",
-            CONFIG,
-            "--ignore-not-found",
-            "-o",
-            "name",
-        ]))?;
-        if !left.trim().is_empty() {
-            let patch = r#"{"metadata":{"finalizers":null}}"#;
-            run(kubectl(&self.kubeconfig).args([
-                "patch",
-                "proxyconfig",
-                CONFIG,
-                "--type=merge",
-                "-p",
-                patch,
-            ]))?;
-            run(kubectl(&self.kubeconfig).args(["delete", "proxyconfig", CONFIG, "--ignore-not-found"]))?;
-        }
+    /// Removes the release, as a user would: `helm uninstall` alone. The ProxyConfig carries no
+    /// finalizer, so it goes with the rest; the agents' rules stay until their DaemonSet goes.
+    fn uninstall(&self) -> Result<()> {
         if self.helm(&["status", RELEASE, "-n", NAMESPACE]).is_ok() {
             self.helm(&["uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=60s"])?;
         }
@@ -365,8 +338,8 @@ impl Demo {
     fn clean_up(&mut self) {
         step("Cleaning up");
         if self.installed {
-            match self.uninstall(true) {
-                Ok(()) => say(&format!("   kubectl delete proxyconfig {CONFIG}; helm uninstall {RELEASE}")),
+            match self.uninstall() {
+                Ok(()) => say(&format!("   helm uninstall {RELEASE}")),
                 Err(e) => say(&format!("   helm uninstall {RELEASE}: {e:#}")),
             }
         }
