@@ -679,10 +679,7 @@ impl Agent {
             match active.backend.rule_count().await {
                 Ok(count) => {
                     self.rule_count = Some(count);
-                    self.metrics
-                        .kernel_rules
-                        .get_or_create(&mode_label(mode))
-                        .set(i64::try_from(count).unwrap_or(i64::MAX));
+                    self.metrics.set_kernel_rules(mode, count);
                 }
                 Err(err) => {
                     return Readiness::not_ready(reasons::SYNC_FAILED, format!("rules applied but {err}"));

@@ -171,6 +171,15 @@ impl Metrics {
         }
     }
 
+    /// Records the rules read back for the active `mode`; every other mode reads 0, its objects having
+    /// been removed from the kernel (a failed removal shows in the ProxyNode's Ready condition).
+    pub fn set_kernel_rules(&self, mode: ProxyMode, count: u64) {
+        for other in ProxyMode::ALL {
+            let value = if other == mode { i64::try_from(count).unwrap_or(i64::MAX) } else { 0 };
+            self.kernel_rules.get_or_create(&mode_label(other)).set(value);
+        }
+    }
+
     pub fn count_api_write(&self, resource: &str) {
         self.api_writes.get_or_create(&vec![("resource".to_owned(), resource.to_owned())]).inc();
     }

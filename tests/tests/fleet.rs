@@ -219,6 +219,12 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
             "{}: the status entry is not the ProxyNode's count",
             entry.name
         );
+        let iptables = kernel.iter().find(|(labels, _)| labels.contains("iptables")).map(|(_, v)| *v);
+        ensure!(
+            iptables == Some(0.0),
+            "{}: the agent's iptables gauge reads {iptables:?} after the switch",
+            entry.name
+        );
         let gauge = kernel.iter().find(|(labels, _)| labels.contains("nftables")).map(|(_, v)| *v as i64);
         ensure!(
             gauge == reported,
