@@ -13,7 +13,7 @@
 //! process's network namespace.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
@@ -380,6 +380,50 @@ async fn run() -> usize {
     }
     println!("INFO sh-pinned {pinned:?}");
     ipvs = ipvs_sh;
+
+    // --- partial sync: an endpoint goes (drained: weight 0 while it has connections) and comes back ---
+    let weight_of = |ip: &str| -> Option<String> {
+        sh("ipvsadm -Ln")
+            .lines()
+            .find(|l| l.contains(&format!("{ip}:8080")) && !l.contains('['))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+    };
+    let changed = Changes::Services(BTreeSet::from([name("web")]));
+    let mut shrunk = plans.clone();
+    shrunk[0].cluster_targets.retain(|t| t.ip.to_string() != "10.244.0.4");
+    let partial = ipvs.sync(&shrunk, &settings, &changed).await;
+    report.check(
+        "partial-sync-drains-removed-endpoint",
+        match partial {
+            Ok(stats) if stats.full => Err("the sync was full".into()),
+            Ok(_) => match weight_of("10.244.0.4").as_deref() {
+                // 10.244.0.4 served connections above: they linger in TIME_WAIT, so it is drained.
+                Some("0") => Ok(()),
+                other => Err(format!("weight of 10.244.0.4 is {other:?}:\n{}", sh("ipvsadm -Ln"))),
+            },
+            Err(e) => Err(e.to_string()),
+        },
+    );
+    let mut answers = get(VIP.parse().expect("ip"), 80, 4);
+    answers.extend(get_from("pod1", VIP, 80, 4));
+    answers.extend(get_from("pod2", VIP, 80, 4));
+    report.check(
+        "drained-endpoint-gets-no-new-connections",
+        all_answer(&answers).and_then(|()| {
+            if answers.iter().any(|a| a == "pod3") { Err(format!("{:?}", counts(&answers))) } else { Ok(()) }
+        }),
+    );
+    let back = ipvs.sync(&plans, &settings, &changed).await;
+    report.check(
+        "partial-sync-restores-endpoint",
+        match back {
+            Ok(_) => match weight_of("10.244.0.4").as_deref() {
+                Some("1") => Ok(()),
+                other => Err(format!("weight of 10.244.0.4 is {other:?}:\n{}", sh("ipvsadm -Ln"))),
+            },
+            Err(e) => Err(e.to_string()),
+        },
+    );
 
     // --- 1,000 services x 10 endpoints ---
     let many = many_plans(1000, 10);

@@ -518,13 +518,44 @@ impl DataPlane for IpvsProxier {
 
         let ownership = self.ownership(settings, &addresses, &desired.node_ports);
         let partial = match (&previous, changes) {
-            (Some(previous), Changes::Services(_)) if previous.settings == *settings => Some(previous),
+            (Some(previous), Changes::Services(changed)) if previous.settings == *settings => {
+                Some((previous, changed))
+            }
             _ => None,
         };
         stats.full = partial.is_none();
         let started = Instant::now();
         let current = match partial {
-            Some(previous) => render::as_current(&previous.desired),
+            Some((previous, changed)) => {
+                // The last applied state, with the changed services' real servers as the kernel
+                // has them now (draining ones included, with their connection counts).
+                let mut current = render::as_current(&previous.desired);
+                let refresh: BTreeSet<ServiceId> = desired
+                    .services
+                    .iter()
+                    .chain(&previous.desired.services)
+                    .filter(|(_, service)| changed.contains(&service.name))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let fresh = with_socket(self.netns(), move |socket| {
+                    Ok(refresh.into_iter().map(|id| (id, socket.dests(id).ok())).collect::<Vec<_>>())
+                })
+                .await?;
+                for (id, dests) in fresh {
+                    match dests {
+                        Some(dests) => {
+                            if let Some(entry) = current.get_mut(&id) {
+                                entry.1 = dests;
+                            }
+                        }
+                        // Not in the kernel (GET_DEST of a missing service fails).
+                        None => {
+                            current.remove(&id);
+                        }
+                    }
+                }
+                current
+            }
             None => {
                 let owned = ownership.clone();
                 let wanted: BTreeSet<ServiceId> = desired.services.keys().copied().collect();

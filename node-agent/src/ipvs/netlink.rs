@@ -74,6 +74,9 @@ pub const IPVS_DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 /// `IP_VS_SVC_F_PERSISTENT`: sessionAffinity ClientIP.
 pub const IP_VS_SVC_F_PERSISTENT: u32 = 0x0001;
+/// `IP_VS_SVC_F_SCHED1`: for sh and mh, `sh-fallback` / `mh-fallback`: when the hashed real server is
+/// unavailable (weight 0), pick another instead of refusing the connection.
+pub const IP_VS_SVC_F_SCHED1: u32 = 0x0008;
 /// `IP_VS_SVC_F_HASHED`: set by the kernel on every service it holds; not ours to compare.
 pub const IP_VS_SVC_F_HASHED: u32 = 0x0002;
 /// `IP_VS_CONN_F_MASQ`: NAT forwarding (the only method kube-proxy uses).

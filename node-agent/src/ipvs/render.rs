@@ -38,11 +38,11 @@ use std::{
 use ipnet::IpNet;
 
 use super::netlink::{
-    Destination, IP_VS_SVC_F_HASHED, IP_VS_SVC_F_PERSISTENT, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Request,
-    Service, ServiceId, af_of, host_netmask,
+    Destination, IP_VS_SVC_F_HASHED, IP_VS_SVC_F_PERSISTENT, IP_VS_SVC_F_SCHED1, IPPROTO_SCTP, IPPROTO_TCP,
+    IPPROTO_UDP, Request, Service, ServiceId, af_of, host_netmask,
 };
 use crate::{
-    model::{IpFamily, Protocol},
+    model::{IpFamily, Protocol, ServicePortName},
     policy::{NodeSettings, ServicePlan, Target},
 };
 
@@ -70,6 +70,8 @@ pub fn ip_protocol(protocol: Protocol) -> u16 {
 /// One virtual server we want, with its real servers (sorted by address and port).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
+    /// The service port it serves (partial syncs refresh the changed ones from the kernel).
+    pub name: ServicePortName,
     pub service: Service,
     pub dests: Vec<Destination>,
 }
@@ -119,17 +121,23 @@ fn virtual_server(
     targets: &[Target],
 ) -> DesiredService {
     let af = af_of(&addr);
-    let (flags, timeout) = match plan.session_affinity {
+    let (mut flags, timeout) = match plan.session_affinity {
         Some(timeout) => {
             (IP_VS_SVC_F_PERSISTENT, u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1))
         }
         None => (0, 0),
     };
+    // Hashing schedulers refuse a connection whose hashed real server is draining (weight 0)
+    // unless told to fall back to another one.
+    if scheduler == "sh" || scheduler == "mh" {
+        flags |= IP_VS_SVC_F_SCHED1;
+    }
     let mut dests: Vec<Destination> =
         targets.iter().map(|t| Destination::masq(t.ip, t.port, WEIGHT)).collect();
     dests.sort_by_key(|d| (d.addr, d.port));
     dests.dedup_by_key(|d| (d.addr, d.port));
     DesiredService {
+        name: plan.name.clone(),
         service: Service {
             id: ServiceId::Addr { protocol: ip_protocol(plan.protocol), addr, port },
             scheduler: scheduler.to_owned(),
@@ -295,7 +303,9 @@ pub fn diff(
 }
 
 /// `current` as it will be once `desired` is applied, for partial syncs that trust the last sync
-/// instead of reading the kernel: every desired service with its desired real servers.
+/// instead of reading the whole kernel: every desired service with its desired real servers. The
+/// applier refreshes the changed services' real servers from the kernel on top of it, so that
+/// draining real servers and their connection counts are seen.
 pub fn as_current(desired: &Desired) -> Current {
     desired.services.iter().map(|(id, s)| (*id, (s.service.clone(), s.dests.clone()))).collect()
 }

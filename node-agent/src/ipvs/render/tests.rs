@@ -1,10 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::{
-    ipvs::netlink::{AF_INET, IP_VS_CONN_F_MASQ},
-    model::ServicePortName,
-};
+use crate::ipvs::netlink::{AF_INET, IP_VS_CONN_F_MASQ};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
@@ -98,7 +95,8 @@ fn affinity_node_ports_externals_and_load_balancers() {
     assert_eq!(desired.bind, BTreeSet::from([ip("10.96.0.10"), ip("192.0.2.7"), ip("198.51.100.1")]));
     assert_eq!(desired.node_ports, BTreeSet::from([(IPPROTO_TCP, 30080)]));
     for svc in desired.services.values() {
-        assert_eq!(svc.service.flags, IP_VS_SVC_F_PERSISTENT);
+        // sh: sh-fallback, so that a draining real server does not refuse its clients.
+        assert_eq!(svc.service.flags, IP_VS_SVC_F_PERSISTENT | IP_VS_SVC_F_SCHED1);
         assert_eq!(svc.service.timeout, 10800);
         assert_eq!(svc.service.scheduler, "sh");
     }
