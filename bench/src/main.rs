@@ -56,6 +56,10 @@ struct Args {
     /// Time between two endpoint changes.
     #[arg(long, default_value_t = 250)]
     change_interval_ms: u64,
+    /// Pause after each kernel dump, as a multiple of how long the dump took (0: back to back). A
+    /// dump competes with the proxy for the kernel's ruleset and for CPU.
+    #[arg(long, default_value_t = 1.0)]
+    poll_gap: f64,
     /// Give up on a cold start after this long.
     #[arg(long, default_value_t = 900)]
     cold_timeout_s: u64,
@@ -230,12 +234,13 @@ async fn run_one(
                 args.cold_timeout_s
             );
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(gap(end - t, args.poll_gap));
     };
     let dump = running.full_dump()?;
     let lines = proxy::ruleset_entries(&dump);
 
     let (latencies, lost) = latency_phase(client, &mut running, model, changes, args, seed).await?;
+    let (syncs, sync_seconds) = running.sync_metrics().unwrap_or((f64::NAN, f64::NAN));
     let cpu_total = running.cpu_seconds();
     let rss = running.peak_rss();
     running.stop()?;
@@ -253,6 +258,8 @@ async fn run_one(
         rss_mib: rss as f64 / (1024.0 * 1024.0),
         lines,
         bytes: dump.iter().map(String::len).sum(),
+        syncs,
+        sync_mean_ms: sync_seconds / syncs * 1000.0,
         changes: latencies.len() + lost,
         lost,
     };
@@ -301,6 +308,7 @@ async fn latency_phase(
     let mut sent_all_at: Option<Instant> = None;
     loop {
         running.check_alive()?;
+        let t = Instant::now();
         let dump = running.poll_dump()?;
         let end = Instant::now();
         {
@@ -324,13 +332,18 @@ async fn latency_phase(
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(gap(end - t, args.poll_gap)).await;
     }
     let (services, result) = sender.await?;
     model.services = services;
     result?;
     let lost = count - latencies.len();
     Ok((latencies, lost))
+}
+
+/// The pause after a kernel dump that took `took`.
+fn gap(took: Duration, ratio: f64) -> Duration {
+    Duration::from_millis(5).max(took.mul_f64(ratio.max(0.0)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

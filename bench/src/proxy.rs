@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fleetproxy_tests::{
-    fleet::ApiBridge,
+    fleet::{self, ApiBridge},
     netns::{NETNS_PREFIX, Netns, run_checked},
 };
 
@@ -176,6 +176,16 @@ impl Running {
             dump_family(&self.netns, self.mode, self.variant, false)?,
             dump_family(&self.netns, self.mode, self.variant, true)?,
         ])
+    }
+
+    /// Syncs so far and their total duration in seconds, from the proxy's own
+    /// `kubeproxy_sync_proxy_rules_duration_seconds` histogram (both proxies export it).
+    pub fn sync_metrics(&self) -> Option<(f64, f64)> {
+        let addr = "127.0.0.1:10249".parse().ok()?;
+        let text = fleet::http_get(&self.netns, addr, "/metrics").ok()?;
+        let count = fleet::metric_sum(&text, "kubeproxy_sync_proxy_rules_duration_seconds_count");
+        let sum = fleet::metric_sum(&text, "kubeproxy_sync_proxy_rules_duration_seconds_sum");
+        Some((count, sum))
     }
 
     /// CPU seconds of the process and its reaped children so far.

@@ -35,6 +35,9 @@ pub struct RunResult {
     pub lines: usize,
     /// Bytes of the dump (`iptables-save` / `nft list table`), both families.
     pub bytes: usize,
+    /// Syncs the proxy reported during the whole run, and their mean duration (its own metric).
+    pub syncs: f64,
+    pub sync_mean_ms: f64,
     pub changes: usize,
     pub lost: usize,
 }
@@ -43,7 +46,7 @@ impl RunResult {
     pub fn describe(&self, lat: &[Latency]) -> String {
         let mut ms: Vec<f64> = lat.iter().map(|l| l.ms).collect();
         format!(
-            "cold {:.2}s (poll {:.2}s), floor {:.2}s, cpu {:.2}s/{:.2}s, rss {:.0} MiB, {} entries, latency p50 {:.0} ms p99 {:.0} ms ({} changes, {} lost)",
+            "cold {:.2}s (poll {:.2}s), floor {:.2}s, cpu {:.2}s/{:.2}s, rss {:.0} MiB, {} entries, {} syncs of {:.0} ms, latency p50 {:.0} ms p99 {:.0} ms ({} changes, {} lost)",
             self.cold_s,
             self.poll_s,
             self.floor_s,
@@ -51,6 +54,8 @@ impl RunResult {
             self.cpu_total_s,
             self.rss_mib,
             self.lines,
+            self.syncs,
+            self.sync_mean_ms,
             percentile(&mut ms, 50.0),
             percentile(&mut ms, 99.0),
             self.changes,
@@ -81,6 +86,7 @@ struct Summary {
     cpu_total_s: f64,
     rss_mib: f64,
     lines: f64,
+    sync_mean_ms: f64,
     p50_ms: f64,
     p99_ms: f64,
     changes: usize,
@@ -114,7 +120,7 @@ impl Results {
         let mut runs_csv = File::create(dir.join("runs.csv"))?;
         writeln!(
             runs_csv,
-            "point,mode,proxy,repeat,cold_s,poll_s,floor_s,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,ruleset_bytes,changes,lost"
+            "point,mode,proxy,repeat,cold_s,poll_s,floor_s,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,ruleset_bytes,syncs,sync_mean_ms,changes,lost"
         )?;
         let mut lat_csv = File::create(dir.join("latencies.csv"))?;
         writeln!(lat_csv, "point,mode,proxy,repeat,latency_ms")?;
@@ -124,7 +130,7 @@ impl Results {
     pub fn add(&mut self, run: RunResult, lat: Vec<Latency>) -> Result<()> {
         writeln!(
             self.runs_csv,
-            "{},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.1},{},{},{},{}",
+            "{},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.1},{},{},{},{:.1},{},{}",
             run.point,
             run.mode.name(),
             run.variant.name(),
@@ -137,6 +143,8 @@ impl Results {
             run.rss_mib,
             run.lines,
             run.bytes,
+            run.syncs,
+            run.sync_mean_ms,
             run.changes,
             run.lost
         )?;
@@ -179,6 +187,7 @@ impl Results {
                     cpu_total_s: m(|r| r.cpu_total_s),
                     rss_mib: m(|r| r.rss_mib),
                     lines: m(|r| r.lines as f64),
+                    sync_mean_ms: m(|r| r.sync_mean_ms),
                     p50_ms: percentile(&mut lat, 50.0),
                     p99_ms: percentile(&mut lat, 99.0),
                     changes: runs.iter().map(|r| r.changes).sum(),
@@ -193,12 +202,12 @@ impl Results {
     pub fn finish(&self, points: &[Point], modes: &[Mode], variants: &[Variant]) -> Result<String> {
         let summaries = self.summaries();
         let mut csv = String::from(
-            "point,mode,proxy,runs,cold_s,poll_s,floor_s,cold_over_floor,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,p50_ms,p99_ms,changes,lost\n",
+            "point,mode,proxy,runs,cold_s,poll_s,floor_s,cold_over_floor,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,sync_mean_ms,p50_ms,p99_ms,changes,lost\n",
         );
         for ((point, mode, variant), s) in &summaries {
             let _ = writeln!(
                 csv,
-                "{point},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.3},{:.1},{:.0},{:.1},{:.1},{},{}",
+                "{point},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.3},{:.1},{:.0},{:.1},{:.1},{:.1},{},{}",
                 mode.name(),
                 variant.name(),
                 s.runs,
@@ -210,6 +219,7 @@ impl Results {
                 s.cpu_total_s,
                 s.rss_mib,
                 s.lines,
+                s.sync_mean_ms,
                 s.p50_ms,
                 s.p99_ms,
                 s.changes,
@@ -243,8 +253,8 @@ fn table(
     let mut t = String::from(
         "Medians; each cell is fleetproxy / kube-proxy (ratio). Cold start and its floor in seconds, latency in ms \
          (pooled over the repeats), CPU in seconds to the first complete sync, peak RSS of the process tree in MiB.\n\n\
-         | point | mode | kube-proxy config | cold start s | kernel floor s | fleetproxy cold/floor | latency p50 ms | latency p99 ms | CPU s (cold) | peak RSS MiB | ruleset entries |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | point | mode | kube-proxy config | cold start s | kernel floor s | fleetproxy cold/floor | latency p50 ms | latency p99 ms | CPU s (cold) | peak RSS MiB | ruleset entries | mean sync ms (own metric) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for point in points {
         for &mode in modes {
@@ -254,7 +264,7 @@ fn table(
                 let config = if kpv == Variant::KubeProxyDefaults { "defaults" } else { "equal" };
                 let _ = writeln!(
                     t,
-                    "| {point} | {} | {config} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+                    "| {point} | {} | {config} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
                     mode.name(),
                     cell(fp.cold_s, kp.cold_s, 2),
                     cell(fp.floor_s, kp.floor_s, 3),
@@ -264,6 +274,7 @@ fn table(
                     cell(fp.cpu_cold_s, kp.cpu_cold_s, 2),
                     cell(fp.rss_mib, kp.rss_mib, 0),
                     cell(fp.lines, kp.lines, 0),
+                    cell(fp.sync_mean_ms, kp.sync_mean_ms, 0),
                 );
             }
         }
@@ -330,7 +341,8 @@ fn plot(
                     String::new()
                 }
             })
-            .y_label_formatter(&|y| format!("{y:.3}"))
+            .y_label_formatter(&|y| if *y >= 10.0 { format!("{y:.0}") } else { format!("{y:.2}") })
+            .y_labels(8)
             .draw()?;
         let mut color = 0;
         for &mode in modes {
