@@ -357,10 +357,15 @@ async fn run() -> usize {
     );
 
     // --- IPVS, sh: one source, one real server ---
-    let mut ipvs_sh = IpvsProxier::with_scheduler(Runner::host(), IpvsScheduler::Sh);
+    // The scheduler changes on the running proxier, as when the ProxyConfig's scheduler is edited.
+    ipvs.set_scheduler(IpvsScheduler::Sh);
+    report.check("probe-sh", ipvs.probe().await.map_err(|e| e.to_string()));
     report.check(
         "sync-sh",
-        ipvs_sh.sync(&plans, &settings, &Changes::Full).await.map(drop).map_err(|e| e.to_string()),
+        ipvs.sync(&plans, &settings, &Changes::Services(BTreeSet::new()))
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string()),
     );
     let table = sh("ipvsadm -Ln");
     report.check(
@@ -379,7 +384,6 @@ async fn run() -> usize {
         pinned.extend(spread.into_keys());
     }
     println!("INFO sh-pinned {pinned:?}");
-    ipvs = ipvs_sh;
 
     // --- partial sync: an endpoint goes (drained: weight 0 while it has connections) and comes back ---
     let weight_of = |ip: &str| -> Option<String> {

@@ -29,6 +29,13 @@ impl Backend {
             ProxyMode::Ipvs => Self::Ipvs(IpvsProxier::new(runner)),
         }
     }
+
+    /// The ProxyConfig's IPVS scheduler (`spec.ipvs.scheduler`); other modes ignore it.
+    pub fn set_ipvs_scheduler(&mut self, scheduler: fleetproxy_api::IpvsScheduler) {
+        if let Self::Ipvs(backend) = self {
+            backend.set_scheduler(scheduler);
+        }
+    }
 }
 
 impl DataPlane for Backend {

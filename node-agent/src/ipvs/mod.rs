@@ -347,6 +347,16 @@ impl IpvsProxier {
         self.scheduler
     }
 
+    /// Changes the scheduler of every virtual server from the next sync on, which is then a full
+    /// one (its diff sends `SET_SERVICE` for each). Call `probe` first: the new scheduler's module
+    /// may be missing.
+    pub fn set_scheduler(&mut self, scheduler: IpvsScheduler) {
+        if scheduler != self.scheduler {
+            self.scheduler = scheduler;
+            self.applied = None;
+        }
+    }
+
     /// How many netlink requests and dummy-interface address changes the last successful sync
     /// sent (0 when the kernel already matched).
     pub fn last_changes(&self) -> usize {
