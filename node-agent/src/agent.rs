@@ -584,6 +584,7 @@ impl Agent {
     /// Brings up `target.mode` (fully), then removes the previous mode's objects.
     async fn switch(&mut self, target: AgentSettings) -> Result<SyncStats, Failure> {
         let mut next = Backend::new(target.mode, self.runner.clone());
+        next.set_ipvs_scheduler(target.ipvs_scheduler);
         next.probe().await.map_err(|err| Failure::Unsupported(err.to_string()))?;
         let plans = policy::plan(self.tracker.model(), &target.node);
         let stats = match next.sync(&plans, &target.node, &Changes::Full).await {
@@ -630,6 +631,14 @@ impl Agent {
         let Some(active) = self.active.as_mut() else {
             return Err(Failure::Unsupported("no mode is active".into()));
         };
+        if active.settings.ipvs_scheduler != settings.ipvs_scheduler {
+            // In place: recreating the backend would clean up and drop every virtual server.
+            active.backend.set_ipvs_scheduler(settings.ipvs_scheduler);
+            if let Err(err) = active.backend.probe().await {
+                active.backend.set_ipvs_scheduler(active.settings.ipvs_scheduler);
+                return Err(Failure::Unsupported(err.to_string()));
+            }
+        }
         let plans = policy::plan(self.tracker.model(), &settings.node);
         let stats = active.backend.sync(&plans, &settings.node, changes).await.map_err(Failure::Sync)?;
         active.settings = settings.clone();

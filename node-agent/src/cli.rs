@@ -4,7 +4,9 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{ArgAction, Parser, ValueEnum};
-use fleetproxy_api::{Cidr, GoDuration, NodePortAddress, ProxyMode, ProxySettings};
+use fleetproxy_api::{
+    Cidr, GoDuration, IpvsScheduler, IpvsSettings, NodePortAddress, ProxyMode, ProxySettings,
+};
 
 #[derive(Clone, Debug, Parser)]
 #[command(name = "fleetproxy-agent", version, about = "The fleetproxy node agent, a kube-proxy replacement")]
@@ -20,6 +22,10 @@ pub struct Args {
     /// The mode when no ProxyNode governs this node. A ProxyNode's spec always wins.
     #[arg(long, env = "FLEETPROXY_MODE", default_value = "iptables", value_parser = parse_mode)]
     pub mode: ProxyMode,
+
+    /// The IPVS scheduler when no ProxyNode governs this node (rr wrr lc wlc lblc lblcr sh dh sed nq mh).
+    #[arg(long, env = "FLEETPROXY_IPVS_SCHEDULER", default_value = "rr", value_parser = parse_scheduler)]
+    pub ipvs_scheduler: IpvsScheduler,
 
     /// Watch the ProxyNode named like this node and apply its spec. Without one (or with false),
     /// the flags decide.
@@ -87,11 +93,17 @@ fn parse_mode(text: &str) -> Result<ProxyMode, String> {
     text.parse().map_err(|err: fleetproxy_api::SettingsError| err.to_string())
 }
 
+fn parse_scheduler(text: &str) -> Result<IpvsScheduler, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("unknown IPVS scheduler {text:?}: use rr wrr lc wlc lblc lblcr sh dh sed nq mh"))
+}
+
 impl Args {
     /// The settings the flags describe, used while no ProxyNode governs this node.
     pub fn settings(&self) -> ProxySettings {
         ProxySettings {
             mode: self.mode,
+            ipvs: IpvsSettings { scheduler: self.ipvs_scheduler },
             excluded_cidrs: self.excluded_cidrs.clone(),
             sync_period: self.sync_period.clone(),
             min_sync_period: self.min_sync_period.clone(),
@@ -138,11 +150,14 @@ mod tests {
             "--masquerade-all",
             "--masquerade-bit=5",
             "--nodeport-addresses=primary",
+            "--ipvs-scheduler=mh",
         ])
         .expect("parses");
         assert!(!args.proxynode);
         let settings = args.settings();
         assert_eq!(settings.mode, ProxyMode::Nftables);
+        assert_eq!(settings.ipvs.scheduler, IpvsScheduler::Mh);
+        assert!(Args::try_parse_from(["agent", "--node-name=n", "--ipvs-scheduler=fastest"]).is_err());
         assert_eq!(settings.excluded_cidrs.len(), 2);
         assert_eq!(settings.sync_period.as_str(), "1m");
         assert!(settings.masquerade_all);

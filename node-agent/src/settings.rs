@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use fleetproxy_api::{NodePortAddress, ProxyMode, ProxySettings, SettingsError};
+use fleetproxy_api::{IpvsScheduler, NodePortAddress, ProxyMode, ProxySettings, SettingsError};
 use ipnet::IpNet;
 
 use crate::policy::NodeSettings;
@@ -12,6 +12,8 @@ use crate::policy::NodeSettings;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentSettings {
     pub mode: ProxyMode,
+    /// Read by the IPVS backend only.
+    pub ipvs_scheduler: IpvsScheduler,
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     /// What the backends render with.
@@ -43,6 +45,7 @@ pub fn resolve(settings: &ProxySettings, node_ips: &[IpAddr]) -> Result<AgentSet
     }
     Ok(AgentSettings {
         mode: settings.mode,
+        ipvs_scheduler: settings.ipvs.scheduler,
         sync_period: settings.sync_period.as_duration(),
         min_sync_period: settings.min_sync_period.as_duration(),
         node: NodeSettings {
@@ -78,6 +81,7 @@ mod tests {
     fn every_field_is_carried_over() {
         let settings = ProxySettings {
             mode: ProxyMode::Nftables,
+            ipvs: fleetproxy_api::IpvsSettings { scheduler: IpvsScheduler::Sh },
             excluded_cidrs: vec!["10.0.0.0/24".parse().expect("cidr")],
             cluster_cidrs: vec![
                 "10.244.0.0/16".parse().expect("cidr"),
@@ -92,6 +96,7 @@ mod tests {
         };
         let resolved = resolve(&settings, &[ip("192.168.1.5")]).expect("valid");
         assert_eq!(resolved.mode, ProxyMode::Nftables);
+        assert_eq!(resolved.ipvs_scheduler, IpvsScheduler::Sh);
         assert_eq!(resolved.sync_period, Duration::from_secs(60));
         assert_eq!(resolved.min_sync_period, Duration::from_millis(500));
         assert_eq!(resolved.node.excluded_cidrs, ["10.0.0.0/24".parse::<IpNet>().expect("net")]);
