@@ -136,7 +136,7 @@ impl Running {
             ),
             Variant::KubeProxyEqual | Variant::KubeProxyDefaults => {
                 let periods = (variant == Variant::KubeProxyEqual)
-                    .then(|| (setup.sync_period.as_str(), setup.min_sync_period.as_str()));
+                    .then_some((setup.sync_period.as_str(), setup.min_sync_period.as_str()));
                 let config = setup.logs.join(format!("{tag}.kube-proxy.yaml"));
                 std::fs::write(&config, kube_proxy_config(&setup.kubeconfig, mode, periods))?;
                 (setup.kube_proxy.clone(), vec![format!("--config={}", config.display()), "--v=1".into()])

@@ -287,6 +287,9 @@ fn table(
     t
 }
 
+/// One plotted figure of a summary.
+type Metric = fn(&Summary) -> f64;
+
 const FONTS: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
@@ -310,7 +313,7 @@ fn plot(
     root.fill(&WHITE)?;
     let root = root.titled("fleetproxy vs kube-proxy (medians; log scale)", ("sans-serif", 28))?;
     let panels = root.split_evenly((2, 2));
-    let metrics: [(&str, fn(&Summary) -> f64); 4] = [
+    let metrics: [(&str, Metric); 4] = [
         ("cold start to first complete sync (s)", |s| s.cold_s),
         ("endpoint change -> kernel, p99 (ms)", |s| s.p99_ms),
         ("peak RSS of the process tree (MiB)", |s| s.rss_mib),
