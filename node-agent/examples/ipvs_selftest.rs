@@ -157,20 +157,9 @@ fn web_plan() -> ServicePlan {
         .map(|(_, ip)| Target { ip: ip.parse().expect("ip"), port: 8080, is_local: true })
         .collect();
     ServicePlan {
-        name: name("web"),
-        family: IpFamily::V4,
-        protocol: Protocol::Tcp,
-        port: 80,
-        node_port: None,
         cluster_ips: vec![VIP.parse().expect("ip")],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
         cluster_targets: targets,
-        external_targets: vec![],
-        external_policy_local: false,
-        internal_policy_local: false,
+        ..ServicePlan::new(name("web"), IpFamily::V4, 80)
     }
 }
 

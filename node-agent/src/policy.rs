@@ -45,6 +45,27 @@ pub struct ServicePlan {
 }
 
 impl ServicePlan {
+    /// A plan for `name` in `family` on `port` that intercepts nothing yet: no addresses, no
+    /// endpoints, no affinity, Cluster traffic policies. Fixtures and tools fill in what they need.
+    pub fn new(name: ServicePortName, family: IpFamily, port: u16) -> Self {
+        Self {
+            protocol: name.protocol,
+            name,
+            family,
+            port,
+            node_port: None,
+            cluster_ips: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            session_affinity: None,
+            cluster_targets: Vec::new(),
+            external_targets: Vec::new(),
+            external_policy_local: false,
+            internal_policy_local: false,
+        }
+    }
+
     /// Every distinct target of either kind of traffic, sorted: one endpoint chain/element each.
     pub fn all_targets(&self) -> Vec<Target> {
         let mut all: Vec<Target> =

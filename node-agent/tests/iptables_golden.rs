@@ -32,20 +32,10 @@ fn plan(
     targets: Vec<Target>,
 ) -> ServicePlan {
     ServicePlan {
-        protocol: name.protocol,
-        name,
-        family,
-        port,
-        node_port: None,
         cluster_ips: vec![ip(cluster_ip)],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
         external_targets: targets.clone(),
         cluster_targets: targets,
-        external_policy_local: false,
-        internal_policy_local: false,
+        ..ServicePlan::new(name, family, port)
     }
 }
 

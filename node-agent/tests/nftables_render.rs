@@ -41,22 +41,7 @@ fn target(addr: &str, port: u16, is_local: bool) -> Target {
 }
 
 fn plan(name: ServicePortName, family: IpFamily, port: u16) -> ServicePlan {
-    ServicePlan {
-        protocol: name.protocol,
-        name,
-        family,
-        port,
-        node_port: None,
-        cluster_ips: Vec::new(),
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        load_balancer_source_ranges: Vec::new(),
-        session_affinity: None,
-        cluster_targets: Vec::new(),
-        external_targets: Vec::new(),
-        external_policy_local: false,
-        internal_policy_local: false,
-    }
+    ServicePlan::new(name, family, port)
 }
 
 fn settings() -> NodeSettings {

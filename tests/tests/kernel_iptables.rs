@@ -91,20 +91,10 @@ fn name(svc: &str, protocol: Protocol) -> ServicePortName {
 fn plan(svc: &str, protocol: Protocol, cluster_ip: &str, port: u16, targets: Vec<Target>) -> ServicePlan {
     let ip: IpAddr = cluster_ip.parse().expect("cluster IP");
     ServicePlan {
-        name: name(svc, protocol),
-        family: IpFamily::of(&ip),
-        protocol,
-        port,
-        node_port: None,
         cluster_ips: vec![ip],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
         cluster_targets: targets.clone(),
         external_targets: targets,
-        external_policy_local: false,
-        internal_policy_local: false,
+        ..ServicePlan::new(name(svc, protocol), IpFamily::of(&ip), port)
     }
 }
 

@@ -38,22 +38,7 @@ fn name(service: &str, protocol: Protocol) -> ServicePortName {
 }
 
 fn plan(service: &str, protocol: Protocol, family: IpFamily, port: u16) -> ServicePlan {
-    ServicePlan {
-        name: name(service, protocol),
-        family,
-        protocol,
-        port,
-        node_port: None,
-        cluster_ips: Vec::new(),
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        load_balancer_source_ranges: Vec::new(),
-        session_affinity: None,
-        cluster_targets: Vec::new(),
-        external_targets: Vec::new(),
-        external_policy_local: false,
-        internal_policy_local: false,
-    }
+    ServicePlan::new(name(service, protocol), family, port)
 }
 
 fn targets(pods: &[&Host], v6: bool, port: u16) -> Vec<Target> {

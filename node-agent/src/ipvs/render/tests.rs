@@ -22,20 +22,9 @@ fn target(s: &str, port: u16, is_local: bool) -> Target {
 
 fn plan(n: &str, cluster_ip: &str, targets: Vec<Target>) -> ServicePlan {
     ServicePlan {
-        name: name(n),
-        family: IpFamily::of(&ip(cluster_ip)),
-        protocol: Protocol::Tcp,
-        port: 80,
-        node_port: None,
         cluster_ips: vec![ip(cluster_ip)],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity: None,
         cluster_targets: targets,
-        external_targets: vec![],
-        external_policy_local: false,
-        internal_policy_local: false,
+        ..ServicePlan::new(name(n), IpFamily::of(&ip(cluster_ip)), 80)
     }
 }
 
