@@ -260,6 +260,11 @@ pub async fn reconcile(client: &Client, model: &mut Model, point: Point) -> Resu
     Ok(())
 }
 
+/// Whether `ip` is one of the changes' addresses.
+pub fn is_change_ip(ip: u32) -> bool {
+    ip >> 22 == CHANGE_BASE >> 22
+}
+
 /// A fresh endpoint address for a change.
 pub fn next_change_ip() -> u32 {
     CHANGE_BASE + NEXT_CHANGE.fetch_add(1, Ordering::Relaxed)

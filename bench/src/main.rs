@@ -60,6 +60,11 @@ struct Args {
     /// dump competes with the proxy for the kernel's ruleset and for CPU.
     #[arg(long, default_value_t = 1.0)]
     poll_gap: f64,
+    /// How the latency phase sees a change reach the kernel: `poll` (dumps, as the cold start) or
+    /// `monitor` (`nft monitor` events in the node namespace, timestamped as they arrive;
+    /// experimental, see docs/benchmarks.md).
+    #[arg(long, default_value = "poll", value_parser = ["poll", "monitor"])]
+    detect: String,
     /// Give up on a cold start after this long.
     #[arg(long, default_value_t = 900)]
     cold_timeout_s: u64,
@@ -281,6 +286,7 @@ async fn latency_phase(
 ) -> Result<(Vec<f64>, usize)> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
     let pending: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
+    let monitor = if args.detect == "monitor" { Some(running.monitor(load::is_change_ip)?) } else { None };
     let mut services = std::mem::take(&mut model.services);
     let interval = Duration::from_millis(args.change_interval_ms);
     let sender = {
@@ -309,11 +315,22 @@ async fn latency_phase(
     loop {
         running.check_alive()?;
         let t = Instant::now();
-        let dump = running.poll_dump()?;
+        if let Some(monitor) = &monitor {
+            let seen = lock(&monitor.seen);
+            let mut pending = lock(&pending);
+            pending.retain(|ip, sent| match seen.get(ip) {
+                Some(at) => {
+                    latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
+                    false
+                }
+                None => true,
+            });
+        }
+        let dump = if monitor.is_some() { String::new() } else { running.poll_dump()? };
         let end = Instant::now();
         {
             let mut pending = lock(&pending);
-            if !pending.is_empty() {
+            if !pending.is_empty() && monitor.is_none() {
                 proxy::scan_ips(&dump, |ip| {
                     if let Some(sent) = pending.remove(&ip) {
                         latencies.push((end - sent).as_secs_f64() * 1000.0);
