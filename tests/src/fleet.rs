@@ -244,18 +244,7 @@ impl Fleet {
             let link = format!("n{index}");
             netns.sysctl("net.ipv4.ip_forward", "1")?;
             no_rp_filter(&netns)?;
-            fabric.ip(&[
-                "link",
-                "add",
-                &link,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ])?;
+            fabric.add_veth(&link, &netns)?;
             fabric.ip(&["addr", "add", &format!("{gateway}/24"), "dev", &link])?;
             fabric.ip(&["link", "set", &link, "up"])?;
             fabric.ip(&["route", "add", &format!("10.{index}.0.0/16"), "via", &ip.to_string()])?;
@@ -432,18 +421,7 @@ impl Fleet {
         let ip = Ipv4Addr::new(10, n, m, 2);
         let gateway = Ipv4Addr::new(10, n, m, 1);
         let link = format!("p{m}");
-        host.netns.ip(&[
-            "link",
-            "add",
-            &link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        host.netns.add_veth(&link, &netns)?;
         host.netns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", &link])?;
         host.netns.ip(&["link", "set", &link, "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;

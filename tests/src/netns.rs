@@ -135,6 +135,12 @@ impl Netns {
         ip(&full)
     }
 
+    /// A veth pair: `link` here, its peer `eth0` inside `peer` (both down, without addresses).
+    pub fn add_veth(&self, link: &str, peer: &Netns) -> Result<()> {
+        self.ip(&["link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", peer.name()])
+            .map(drop)
+    }
+
     /// Sets a sysctl inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.run("sysctl", &["-q", "-w", &format!("{key}={value}")]).map(drop)
@@ -442,18 +448,7 @@ impl Lab {
         let node_side = format!("veth{index}");
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-        self.node.ip(&[
-            "link",
-            "add",
-            &node_side,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            netns.name(),
-        ])?;
+        self.node.add_veth(&node_side, &netns)?;
         self.node.ip(&["addr", "add", &format!("{gateway_v4}/24"), "dev", &node_side])?;
         self.node.ip(&["-6", "addr", "add", &format!("{gateway_v6}/64"), "dev", &node_side, "nodad"])?;
         self.node.ip(&["link", "set", &node_side, "up"])?;
