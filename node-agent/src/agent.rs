@@ -12,6 +12,8 @@
 //!   other modes' objects are removed only after that sync succeeded;
 //! - a mode switch applies the new mode fully first, then removes the old mode's objects, then reads
 //!   the kernel back and reports; a mode the node cannot run is refused and the old one keeps working;
+//! - the kernel read-back (the rule count in the status) runs beside the loop, after full syncs and
+//!   every `syncPeriod`: listing a large ruleset takes seconds, and changes must not wait for it;
 //! - SIGTERM ends the process without touching the kernel.
 
 use std::{
@@ -35,7 +37,10 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -52,7 +57,7 @@ use crate::{
     serve::{self, Endpoints, ModeCell, ServeState},
     settings::{self, AgentSettings},
     sync::{Scheduler, SyncKind},
-    tracker::{ChangeTracker, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ServiceRef, TrackerConfig},
+    tracker::{ChangeTracker, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, ServiceRef, SliceId, TrackerConfig},
 };
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -85,6 +90,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
     );
 
     let inputs = Inputs::watch(&client, &args);
+    let (read_back_done, read_backs) = mpsc::unbounded_channel();
     let agent = Agent {
         node_name: args.node_name.clone(),
         runner,
@@ -104,8 +110,8 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         slices_listed: false,
         proxynode_listed: false,
         proxynode_unavailable: false,
-        service_buffer: None,
-        slice_buffer: None,
+        listed_services: None,
+        listed_slices: None,
         proxynode_buffer: None,
         node: NodeInfo { eligible: true, ..NodeInfo::default() },
         proxynode: None,
@@ -116,6 +122,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         rejected: None,
         applied_generation: None,
         rule_count: None,
+        read_back: ReadBack { done: read_back_done, running: false, wanted: false, last: None },
         last_sync: None,
         full_sync_duration: None,
         readiness: None,
@@ -123,7 +130,19 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         trigger_times: BTreeMap::new(),
         counted_events: (0, 0),
     };
-    agent.run(inputs, shutdown).await
+    agent.run(inputs, read_backs, shutdown).await
+}
+
+/// A kernel read-back's result: the mode it counted, and the count.
+type Counted = (ProxyMode, Result<u64, DataPlaneError>);
+
+/// The read-back that runs beside the sync loop.
+struct ReadBack {
+    done: mpsc::UnboundedSender<Counted>,
+    running: bool,
+    /// Another read-back is due as soon as the running one ends (a full sync happened meanwhile).
+    wanted: bool,
+    last: Option<Instant>,
 }
 
 async fn client(args: &Args) -> Result<Client, AgentError> {
@@ -236,8 +255,9 @@ struct Agent {
     proxynode_listed: bool,
     /// The ProxyNode watch failed (no CRD, no permission): run on the flags until it works.
     proxynode_unavailable: bool,
-    service_buffer: Option<Vec<Service>>,
-    slice_buffer: Option<Vec<EndpointSlice>>,
+    /// Keys of the Services and EndpointSlices of a (re)list in progress.
+    listed_services: Option<BTreeSet<ServiceRef>>,
+    listed_slices: Option<BTreeSet<SliceId>>,
     proxynode_buffer: Option<Option<ProxyNode>>,
     node: NodeInfo,
     proxynode: Option<ProxyNode>,
@@ -256,6 +276,7 @@ struct Agent {
     // Reporting.
     applied_generation: Option<i64>,
     rule_count: Option<u64>,
+    read_back: ReadBack,
     last_sync: Option<Timestamp>,
     full_sync_duration: Option<Duration>,
     readiness: Option<Readiness>,
@@ -271,6 +292,7 @@ impl Agent {
     async fn run(
         mut self,
         mut inputs: Inputs,
+        mut read_backs: mpsc::UnboundedReceiver<Counted>,
         shutdown: impl Future<Output = &'static str>,
     ) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
@@ -316,6 +338,7 @@ impl Agent {
                         }
                     }
                 }
+                Some((mode, counted)) = read_backs.recv() => self.read_back_done(mode, counted).await,
                 () = tokio::time::sleep_until(next_sync), if ready => self.sync().await,
             }
         }
@@ -331,11 +354,13 @@ impl Agent {
 
     fn on_service(&mut self, event: watcher::Event<Service>) {
         match event {
-            watcher::Event::Init => self.service_buffer = Some(Vec::new()),
-            watcher::Event::InitApply(service) => self.service_buffer.get_or_insert_default().push(service),
+            watcher::Event::Init => self.listed_services = Some(BTreeSet::new()),
+            watcher::Event::InitApply(service) => {
+                self.tracker.list_service(&service, self.listed_services.get_or_insert_default());
+            }
             watcher::Event::InitDone => {
-                let listed = self.service_buffer.take().unwrap_or_default();
-                self.tracker.replace_services(&listed);
+                let listed = self.listed_services.take().unwrap_or_default();
+                self.tracker.end_service_list(&listed);
                 if !self.services_listed {
                     info!(services = listed.len(), "listed Services");
                 }
@@ -349,11 +374,13 @@ impl Agent {
 
     fn on_slice(&mut self, event: watcher::Event<EndpointSlice>) {
         match event {
-            watcher::Event::Init => self.slice_buffer = Some(Vec::new()),
-            watcher::Event::InitApply(slice) => self.slice_buffer.get_or_insert_default().push(slice),
+            watcher::Event::Init => self.listed_slices = Some(BTreeSet::new()),
+            watcher::Event::InitApply(slice) => {
+                self.tracker.list_slice(&slice, self.listed_slices.get_or_insert_default());
+            }
             watcher::Event::InitDone => {
-                let listed = self.slice_buffer.take().unwrap_or_default();
-                self.tracker.replace_slices(&listed);
+                let listed = self.listed_slices.take().unwrap_or_default();
+                self.tracker.end_slice_list(&listed);
                 if !self.slices_listed {
                     info!(slices = listed.len(), "listed EndpointSlices");
                 }
@@ -682,18 +709,11 @@ impl Agent {
             return Readiness::not_ready(reasons::SYNC_FAILED, "no mode is active");
         };
         let mode = active.backend.mode();
-        // Read the kernel back after full syncs (and so after every switch and every syncPeriod):
-        // the status reports what the kernel holds, not what we meant to write.
-        if kind == SyncKind::Full || self.rule_count.is_none() {
-            match active.backend.rule_count().await {
-                Ok(count) => {
-                    self.rule_count = Some(count);
-                    self.metrics.set_kernel_rules(mode, count);
-                }
-                Err(err) => {
-                    return Readiness::not_ready(reasons::SYNC_FAILED, format!("rules applied but {err}"));
-                }
-            }
+        // The status reports what the kernel holds, not what we meant to write: read it back after
+        // full syncs (so after every switch) and every syncPeriod.
+        let period = active.settings.sync_period;
+        if kind == SyncKind::Full || self.read_back.last.is_none_or(|at| at.elapsed() >= period) {
+            self.start_read_back(mode);
         }
         if let Some(stale) = self.stale_modes.iter().next() {
             return Readiness::not_ready(
@@ -702,6 +722,52 @@ impl Agent {
             );
         }
         Readiness::ready(format!("{mode} rules are in the kernel"))
+    }
+
+    /// Counts what the kernel holds for `mode` in a task of its own, with a fresh backend (counting
+    /// reads only the kernel); the result comes back through `read_back_done`.
+    fn start_read_back(&mut self, mode: ProxyMode) {
+        if self.read_back.running {
+            self.read_back.wanted = true;
+            return;
+        }
+        self.read_back.running = true;
+        self.read_back.wanted = false;
+        self.read_back.last = Some(Instant::now());
+        let counter = Backend::new(mode, self.runner.clone());
+        let done = self.read_back.done.clone();
+        tokio::spawn(async move {
+            // The receiver lives as long as the loop; after it, nobody needs the count.
+            let _ = done.send((mode, counter.rule_count().await));
+        });
+    }
+
+    async fn read_back_done(&mut self, mode: ProxyMode, counted: Result<u64, DataPlaneError>) {
+        self.read_back.running = false;
+        let active = self.active.as_ref().map(|a| a.backend.mode());
+        if active == Some(mode) {
+            match counted {
+                Ok(count) => {
+                    if count == 0 && self.rule_count.is_some_and(|before| before > 0) {
+                        // Someone flushed our rules (a firewall reload): rewrite them all.
+                        warn!(%mode, "our rules are gone from the kernel; the next sync is full");
+                        self.scheduler.queue_full();
+                    }
+                    self.rule_count = Some(count);
+                    self.metrics.set_kernel_rules(mode, count);
+                }
+                Err(err) => {
+                    self.readiness =
+                        Some(Readiness::not_ready(reasons::SYNC_FAILED, format!("rules applied but {err}")));
+                }
+            }
+            self.report().await;
+        }
+        if self.read_back.wanted
+            && let Some(mode) = active
+        {
+            self.start_read_back(mode);
+        }
     }
 
     /// After a successful sync, removes what earlier runs or modes left behind.

@@ -2,11 +2,18 @@
 //! pure state machine over `Instant`s so that it can be tested without waiting.
 //!
 //! - a queued change is synced as soon as `minSyncPeriod` has passed since the last sync started;
-//! - every `syncPeriod` a full sync runs even when nothing changed (it repairs drift);
+//! - every `syncPeriod` a sync runs even when nothing changed; it is partial, like kube-proxy's
+//!   since v1.28: a full sync of 10,000 services costs seconds of kernel time and would hold back
+//!   every change queued behind it. Full syncs run when something needs one (start, settings,
+//!   topology, a failure, a kernel read-back that finds our rules gone) and at least every
+//!   [`FULL_RESYNC_PERIOD`] (kube-proxy's `FullSyncPeriod`);
 //! - a failed sync is retried with exponential backoff (from `minSyncPeriod`, at least one second,
 //!   up to `syncPeriod`), and the retry is full.
 
 use std::time::{Duration, Instant};
+
+/// The longest time between two full syncs.
+pub const FULL_RESYNC_PERIOD: Duration = Duration::from_secs(3600);
 
 /// How much of the rules a sync rewrites.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,7 +91,8 @@ impl Scheduler {
     /// Starts a sync at `now`: returns how much it must rewrite.
     pub fn start(&mut self, now: Instant) -> SyncKind {
         self.last_start = Some(now);
-        let period_over = self.last_full.is_none_or(|at| now >= at + self.sync_period);
+        let full_period = FULL_RESYNC_PERIOD.max(self.sync_period);
+        let period_over = self.last_full.is_none_or(|at| now >= at + full_period);
         if self.need_full || period_over { SyncKind::Full } else { SyncKind::Partial }
     }
 
@@ -146,7 +154,9 @@ mod tests {
         assert_eq!(s.start(t0 + MIN), SyncKind::Partial);
         s.succeeded(t0 + MIN, SyncKind::Partial);
         assert_eq!(s.next_sync(), t0 + MIN + PERIOD);
-        assert_eq!(s.start(t0 + PERIOD), SyncKind::Full, "a syncPeriod after the last full sync");
+        assert_eq!(s.start(t0 + PERIOD), SyncKind::Partial, "the periodic sync is partial");
+        s.succeeded(t0 + PERIOD, SyncKind::Partial);
+        assert_eq!(s.start(t0 + FULL_RESYNC_PERIOD), SyncKind::Full, "an hour after the last full sync");
     }
 
     #[test]

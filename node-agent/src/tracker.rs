@@ -98,6 +98,9 @@ impl TrackedChanges {
 /// Endpoints one EndpointSlice contributes, per service port, in the slice's order.
 type SliceEndpoints = BTreeMap<ServicePortName, Vec<Endpoint>>;
 
+/// An EndpointSlice's namespace and name.
+pub type SliceId = (String, String);
+
 /// The Service and EndpointSlice change tracker. See the module documentation.
 #[derive(Clone, Debug, Default)]
 pub struct ChangeTracker {
@@ -109,7 +112,7 @@ pub struct ChangeTracker {
     /// Every tracked EndpointSlice's endpoints, grouped by its Service and keyed by slice name.
     slices: BTreeMap<ServiceRef, BTreeMap<String, SliceEndpoints>>,
     /// Which Service each tracked slice (namespace, slice name) belongs to.
-    slice_owner: BTreeMap<(String, String), ServiceRef>,
+    slice_owner: BTreeMap<SliceId, ServiceRef>,
     pending: TrackedChanges,
 }
 
@@ -173,11 +176,22 @@ impl ChangeTracker {
     pub fn replace_services<'a>(&mut self, services: impl IntoIterator<Item = &'a Service>) {
         let mut listed = BTreeSet::new();
         for service in services {
-            if let Some(key) = object_ref(&service.metadata) {
-                listed.insert(key);
-            }
-            self.apply_service(service);
+            self.list_service(service, &mut listed);
         }
+        self.end_service_list(&listed);
+    }
+
+    /// One Service of a (re)list, applied as it comes so that a list of thousands is never held in
+    /// memory; `listed` collects the keys for [`Self::end_service_list`].
+    pub fn list_service(&mut self, service: &Service, listed: &mut BTreeSet<ServiceRef>) {
+        if let Some(key) = object_ref(&service.metadata) {
+            listed.insert(key);
+        }
+        self.apply_service(service);
+    }
+
+    /// The (re)list is complete: Services tracked but not listed were deleted meanwhile.
+    pub fn end_service_list(&mut self, listed: &BTreeSet<ServiceRef>) {
         let gone: Vec<ServiceRef> =
             self.service_ports.keys().filter(|key| !listed.contains(*key)).cloned().collect();
         for key in gone {
@@ -232,12 +246,22 @@ impl ChangeTracker {
     pub fn replace_slices<'a>(&mut self, slices: impl IntoIterator<Item = &'a EndpointSlice>) {
         let mut listed = BTreeSet::new();
         for slice in slices {
-            if let Some(key) = object_ref(&slice.metadata) {
-                listed.insert((key.namespace, key.name));
-            }
-            self.apply_slice(slice);
+            self.list_slice(slice, &mut listed);
         }
-        let gone: Vec<((String, String), ServiceRef)> = self
+        self.end_slice_list(&listed);
+    }
+
+    /// One EndpointSlice of a (re)list, applied as it comes; see [`Self::list_service`].
+    pub fn list_slice(&mut self, slice: &EndpointSlice, listed: &mut BTreeSet<SliceId>) {
+        if let Some(key) = object_ref(&slice.metadata) {
+            listed.insert((key.namespace, key.name));
+        }
+        self.apply_slice(slice);
+    }
+
+    /// The (re)list is complete: EndpointSlices tracked but not listed were deleted meanwhile.
+    pub fn end_slice_list(&mut self, listed: &BTreeSet<SliceId>) {
+        let gone: Vec<(SliceId, ServiceRef)> = self
             .slice_owner
             .iter()
             .filter(|(id, _)| !listed.contains(*id))
@@ -248,7 +272,7 @@ impl ChangeTracker {
         }
     }
 
-    fn remove_slice(&mut self, slice_id: &(String, String), owner: &ServiceRef) {
+    fn remove_slice(&mut self, slice_id: &SliceId, owner: &ServiceRef) {
         self.slice_owner.remove(slice_id);
         let Some(slices) = self.slices.get_mut(owner) else { return };
         if slices.remove(&slice_id.1).is_none() {

@@ -9,10 +9,16 @@
 //! - `services` classifies new connections with two verdict maps: `service-ips`
 //!   (`address . protocol . port` of cluster, external and load-balancer IPs) and `service-nodeports`
 //!   (`protocol . port`, on local addresses only);
-//! - per service port: a `service-…` chain (cluster traffic), an `external-…` chain (node port,
-//!   external and load-balancer traffic, with externalTrafficPolicy applied), `endpoint-…` chains
-//!   that DNAT, picked by `numgen random mod N vmap`, an `affinity-…` set per endpoint for
-//!   sessionAffinity ClientIP, and a `firewall-…` chain for loadBalancerSourceRanges;
+//! - per service port: a `service-…` chain (cluster traffic) and an `external-…` chain (node port,
+//!   external and load-balancer traffic, with externalTrafficPolicy applied) that DNAT in one rule,
+//!   `dnat to numgen random mod N map { i : address . port }`, and a `firewall-…` chain for
+//!   loadBalancerSourceRanges. Only sessionAffinity ClientIP needs a chain per endpoint
+//!   (`endpoint-…`, picked by `numgen random mod N vmap`) with an `affinity-…` set of its clients.
+//!   Without per-endpoint chains a full sync moves a tenth of the objects at 10 endpoints per
+//!   service, and an endpoint change rewrites one rule;
+//! - hairpin traffic (a pod reaching itself through its service) is masqueraded in `masquerading`,
+//!   after DNAT, by the `hairpin-connections` set of `endpoint . endpoint . protocol . port`, which
+//!   holds the local endpoints only: only a pod on this node can hairpin here;
 //! - `no-endpoint-services`/`no-endpoint-nodeports` map destinations without endpoints to
 //!   `reject-chain` (TCP reset, ICMP port unreachable) or `drop` (Local policy, endpoints elsewhere);
 //! - the `excluded-cidrs` set is checked first: those destinations are never intercepted.
@@ -47,6 +53,7 @@ const FIREWALL_CHECK: &str = "firewall-check";
 const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 const EXCLUDED: &str = "excluded-cidrs";
+const HAIRPIN: &str = "hairpin-connections";
 
 /// Priority of the filter base chains: before the nat chains (dstnat, -100), so that the output
 /// hook still sees the service address, and before iptables' filter table.
@@ -116,6 +123,12 @@ impl Family {
         }
     }
 
+    /// The `hairpin-connections` set's element type.
+    fn hairpin_type(self) -> String {
+        let addr = self.addr_type();
+        format!("{addr} . {addr} . inet_proto . inet_service")
+    }
+
     fn loopback(self) -> &'static str {
         match self.0 {
             IpFamily::V4 => "127.0.0.0/8",
@@ -157,6 +170,8 @@ pub struct ServiceRules {
     pub sets: BTreeMap<String, String>,
     /// Verdict-map elements: (map, key) → verdict.
     pub elements: BTreeMap<(VerdictMap, String), String>,
+    /// Elements of the `hairpin-connections` set (shared: two service ports may want the same one).
+    pub hairpin: BTreeSet<String>,
 }
 
 /// The names of our objects in one family's table: what a full sync must delete if it no longer
@@ -201,7 +216,7 @@ impl RenderedState {
                 IpFamily::V6 => &mut objects.v6,
             };
             table.chains.extend(static_chains(family, &self.settings).into_iter().map(|c| c.name.to_owned()));
-            table.sets.insert(EXCLUDED.to_owned());
+            table.sets.extend([EXCLUDED.to_owned(), HAIRPIN.to_owned()]);
             table.maps.extend(VerdictMap::ALL.iter().map(|m| m.name().to_owned()));
             for ((f, _), rules) in &self.services {
                 if *f == family.0 {
@@ -248,10 +263,22 @@ impl Script {
 
     /// `add element` or `delete element` with one element per line, or nothing for no elements.
     fn elements(&mut self, verb: &str, family: Family, map: VerdictMap, elements: &[String]) {
-        if elements.is_empty() {
+        self.set_elements(verb, family, map.name(), elements);
+    }
+
+    /// The same for any set or map by name.
+    fn set_elements<T: Display>(
+        &mut self,
+        verb: &str,
+        family: Family,
+        set: &str,
+        elements: impl IntoIterator<Item = T>,
+    ) {
+        let mut elements = elements.into_iter().peekable();
+        if elements.peek().is_none() {
             return;
         }
-        self.line(format_args!("{verb} element {} {TABLE} {} {{", family.kw(), map.name()));
+        self.line(format_args!("{verb} element {} {TABLE} {set} {{", family.kw()));
         for element in elements {
             self.line(format_args!("\t{element},"));
         }
@@ -328,6 +355,9 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
         chain(
             MASQUERADING,
             vec![
+                format!(
+                    "ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @{HAIRPIN} masquerade fully-random"
+                ),
                 format!("meta mark & {mark:#x} == 0 return"),
                 format!("meta mark set meta mark ^ {mark:#x}"),
                 "masquerade fully-random".into(),
@@ -347,22 +377,40 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
     ]
 }
 
-/// The rules that pick one of `targets`: a client pinned by affinity goes back to its endpoint,
-/// others are spread at random.
+/// The rules that pick one of `targets` and DNAT to it. Without affinity: one rule, spreading at
+/// random through an anonymous map. With affinity: a client pinned to an endpoint goes back to its
+/// chain, others are spread at random over the endpoint chains (which record the client).
 fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String> {
     let mut targets = targets.to_vec();
     targets.sort();
-    let mut rules = Vec::new();
-    if let Some(timeout) = plan.session_affinity {
-        for t in &targets {
-            rules.push(format!(
+    let Some(timeout) = plan.session_affinity else {
+        let proto = plan.protocol.as_str();
+        return match targets.as_slice() {
+            [] => Vec::new(),
+            [only] => vec![format!("meta l4proto {proto} dnat to {}", family.socket(only.ip, only.port))],
+            many => {
+                let arms: Vec<String> =
+                    many.iter().enumerate().map(|(i, t)| format!("{i} : {} . {}", t.ip, t.port)).collect();
+                vec![format!(
+                    "meta l4proto {proto} dnat {} to numgen random mod {} map {}",
+                    family.kw(),
+                    many.len(),
+                    set_literal(&arms)
+                )]
+            }
+        };
+    };
+    let mut rules: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            format!(
                 "{} saddr @{} goto {}",
                 family.kw(),
                 names::affinity_set(plan, t.ip, t.port, timeout),
                 names::endpoint_chain(plan, t.ip, t.port)
-            ));
-        }
-    }
+            )
+        })
+        .collect();
     match targets.as_slice() {
         [] => {}
         [only] => rules.push(format!("goto {}", names::endpoint_chain(plan, only.ip, only.port))),
@@ -386,10 +434,16 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     let cluster_cidrs = family.nets(&settings.cluster_cidrs);
     let mut out = ServiceRules::default();
 
-    // One chain per endpoint (shared by cluster and external traffic), with its affinity set.
-    for t in plan.all_targets() {
-        let mut rules = vec![format!("{ip} saddr {} jump {MARK_FOR_MASQUERADE}", t.ip)];
-        if let Some(timeout) = plan.session_affinity {
+    let targets = plan.all_targets();
+    out.hairpin = targets
+        .iter()
+        .filter(|t| t.is_local)
+        .map(|t| format!("{} . {} . {proto} . {}", t.ip, t.ip, t.port))
+        .collect();
+    // Affinity only: one chain per endpoint (shared by cluster and external traffic) that records
+    // the client in the endpoint's set.
+    if let Some(timeout) = plan.session_affinity {
+        for t in &targets {
             let set = names::affinity_set(plan, t.ip, t.port, timeout);
             out.sets.insert(
                 set.clone(),
@@ -399,10 +453,12 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
                     timeout.as_secs().max(1)
                 ),
             );
-            rules.push(format!("update @{set} {{ {ip} saddr }}"));
+            let rules = vec![
+                format!("update @{set} {{ {ip} saddr }}"),
+                format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port)),
+            ];
+            out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), rules);
         }
-        rules.push(format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port)));
-        out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), rules);
     }
 
     // Cluster traffic: masquerade what does not come from a pod, then pick an endpoint.
@@ -530,6 +586,10 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         if !excluded.is_empty() {
             script.line(format_args!("add element {ip} {TABLE} {EXCLUDED} {}", set_literal(&excluded)));
         }
+        script.line(format_args!("add set {ip} {TABLE} {HAIRPIN} {{ type {}; }}", family.hairpin_type()));
+        script.line(format_args!("flush set {ip} {TABLE} {HAIRPIN}"));
+        let hairpin: BTreeSet<&String> = of_family.iter().flat_map(|r| &r.hairpin).collect();
+        script.set_elements("add", family, HAIRPIN, &hairpin);
         for map in VerdictMap::ALL {
             script.line(format_args!(
                 "add map {ip} {TABLE} {} {{ type {} : verdict; }}",
@@ -538,7 +598,7 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             ));
             script.line(format_args!("flush map {ip} {TABLE} {}", map.name()));
         }
-        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED]);
+        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED, HAIRPIN]);
         for rules in &of_family {
             for (name, declaration) in &rules.sets {
                 script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
@@ -644,6 +704,8 @@ pub fn render_partial(
         let mut add_elements: BTreeMap<VerdictMap, Vec<String>> = BTreeMap::new();
         let mut delete_chains = Vec::new();
         let mut delete_sets = Vec::new();
+        let mut add_hairpin: BTreeSet<&String> = BTreeSet::new();
+        let mut delete_hairpin: BTreeSet<&String> = BTreeSet::new();
 
         for key in &keys {
             let old = state.services.get(key).unwrap_or(&empty);
@@ -672,6 +734,19 @@ pub fn render_partial(
             }
             delete_chains.extend(old.chains.keys().filter(|c| !new.chains.contains_key(*c)));
             delete_sets.extend(old.sets.keys().filter(|s| !new.sets.contains_key(*s)));
+            add_hairpin.extend(new.hairpin.difference(&old.hairpin));
+            delete_hairpin.extend(old.hairpin.difference(&new.hairpin));
+        }
+        // A hairpin element stays while any other service port of the family still wants it.
+        if !delete_hairpin.is_empty() {
+            let still_wanted = |e: &String| {
+                keys.iter().any(|k| fresh.get(k).is_some_and(|r| r.hairpin.contains(e)))
+                    || state
+                        .services
+                        .iter()
+                        .any(|(k, r)| k.0 == family.0 && !keys.contains(k) && r.hairpin.contains(e))
+            };
+            delete_hairpin.retain(|e| !still_wanted(e));
         }
 
         for (name, declaration) in add_sets {
@@ -695,6 +770,8 @@ pub fn render_partial(
         for (map, elements) in &add_elements {
             script.elements("add", family, *map, elements);
         }
+        script.set_elements("delete", family, HAIRPIN, &delete_hairpin);
+        script.set_elements("add", family, HAIRPIN, &add_hairpin);
         // Chains go before sets: a chain being deleted may still refer to a set being deleted.
         for name in &delete_chains {
             script.line(format_args!("flush chain {ip} {TABLE} {name}"));
