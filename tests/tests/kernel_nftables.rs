@@ -481,18 +481,21 @@ fn resyncing_a_programmed_kernel_keeps_traffic_flowing() {
 }
 
 /// Figures, not assertions: render and apply times for 1,000 services × 10 endpoints (cluster IP
-/// and node port each), a partial sync of one service, and the read-back.
+/// and node port each; `FLEETPROXY_SCALE_SERVICES` sets another count), a partial sync of one
+/// service, and the read-back.
 #[test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 fn scale_1000_services_10_endpoints() {
     require_root();
+    let services: u32 =
+        std::env::var("FLEETPROXY_SCALE_SERVICES").ok().and_then(|n| n.parse().ok()).unwrap_or(1000);
     let lab = Lab::new().expect("lab");
     let settings = NodeSettings {
         cluster_cidrs: vec![IpNet::V4(lab.pod_cidr_v4())],
         masquerade_bit: 14,
         ..NodeSettings::default()
     };
-    let plans: Vec<ServicePlan> = (0..1000u32)
+    let plans: Vec<ServicePlan> = (0..services)
         .map(|i| {
             let targets: Vec<Target> = (0..10u32)
                 .map(|e| Target {
@@ -503,7 +506,7 @@ fn scale_1000_services_10_endpoints() {
                 .collect();
             ServicePlan {
                 cluster_ips: vec![IpAddr::from(Ipv4Addr::from(0x0a60_0000 + i))],
-                node_port: Some(30000 + u16::try_from(i).expect("port")),
+                node_port: u16::try_from(i).ok().and_then(|i| i.checked_add(30000)),
                 cluster_targets: targets.clone(),
                 external_targets: targets,
                 ..plan(&format!("svc-{i}"), Protocol::Tcp, IpFamily::V4, 80)
@@ -515,6 +518,10 @@ fn scale_1000_services_10_endpoints() {
     let full = render_full(&plans, &settings, &KernelObjects::default());
     let render = started.elapsed();
     println!("render full: {render:?} ({} lines, {} bytes)", full.lines, full.script.len());
+    if let Ok(path) = std::env::var("FLEETPROXY_SCALE_SCRIPT") {
+        std::fs::write(&path, &full.script).expect("write the script");
+        return;
+    }
 
     let mut proxier = NftablesProxier::new(Runner::in_netns(lab.node().name()));
     let stats = block_on(proxier.sync(&plans, &settings, &Changes::Full)).expect("first sync");
@@ -523,9 +530,10 @@ fn scale_1000_services_10_endpoints() {
     println!("full resync of a programmed kernel: render {:?}, apply {:?}", stats.render, stats.apply);
 
     let mut changed = plans.clone();
-    changed[500].cluster_targets.pop();
-    changed[500].external_targets.pop();
-    let names = BTreeSet::from([changed[500].name.clone()]);
+    let middle = plans.len() / 2;
+    changed[middle].cluster_targets.pop();
+    changed[middle].external_targets.pop();
+    let names = BTreeSet::from([changed[middle].name.clone()]);
     let started = Instant::now();
     let partial = render_partial(proxier.applied().expect("applied").clone(), &changed, &names);
     println!(

@@ -10,12 +10,12 @@
 //!   (`address . protocol . port` of cluster, external and load-balancer IPs) and `service-nodeports`
 //!   (`protocol . port`, on local addresses only);
 //! - per service port: a `service-…` chain (cluster traffic) and an `external-…` chain (node port,
-//!   external and load-balancer traffic, with externalTrafficPolicy applied) that DNAT in one rule,
-//!   `dnat to numgen random mod N map { i : address . port }`, and a `firewall-…` chain for
-//!   loadBalancerSourceRanges. Only sessionAffinity ClientIP needs a chain per endpoint
-//!   (`endpoint-…`, picked by `numgen random mod N vmap`) with an `affinity-…` set of its clients.
-//!   Without per-endpoint chains a full sync moves a tenth of the objects at 10 endpoints per
-//!   service, and an endpoint change rewrites one rule;
+//!   external and load-balancer traffic, with externalTrafficPolicy applied) that DNAT themselves
+//!   (see [`balance`]), and a `firewall-…` chain for loadBalancerSourceRanges. Only
+//!   sessionAffinity ClientIP needs a chain per endpoint (`endpoint-…`, picked by
+//!   `numgen random mod N vmap`) with an `affinity-…` set of its clients. Without per-endpoint
+//!   chains and without per-service sets a full sync is one table, a few maps and
+//!   chains of plain rules, and an endpoint change rewrites one chain;
 //! - hairpin traffic (a pod reaching itself through its service) is masqueraded in `masquerading`,
 //!   after DNAT, by the `hairpin-connections` set of `endpoint . endpoint . protocol . port`, which
 //!   holds the local endpoints only: only a pod on this node can hairpin here;
@@ -377,28 +377,31 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
     ]
 }
 
-/// The rules that pick one of `targets` and DNAT to it. Without affinity: one rule, spreading at
-/// random through an anonymous map. With affinity: a client pinned to an endpoint goes back to its
-/// chain, others are spread at random over the endpoint chains (which record the client).
+/// The rules that pick one of `targets` and DNAT to it. Without affinity: a cascade like iptables'
+/// `statistic` rules, rule `i` of `n` taking the connection with probability `1/(n-i)` (uniform in
+/// all), each rule DNATing itself. No set at all: this kernel (6.18) makes every anonymous set of a
+/// table scan all the table's sets for a free `__map%d` name, and binding a rule to a shared map
+/// walk the map's elements, so kube-proxy's `numgen random mod n map { ... }` costs O(services²)
+/// to load: 62 s for 10,000 services × 10 against 3.5 s for the cascade (docs/benchmarks.md).
+/// With affinity: a client pinned to an endpoint goes back to its chain, others are spread at
+/// random over the endpoint chains (which record the client).
 fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String> {
     let mut targets = targets.to_vec();
     targets.sort();
     let Some(timeout) = plan.session_affinity else {
         let proto = plan.protocol.as_str();
-        return match targets.as_slice() {
-            [] => Vec::new(),
-            [only] => vec![format!("meta l4proto {proto} dnat to {}", family.socket(only.ip, only.port))],
-            many => {
-                let arms: Vec<String> =
-                    many.iter().enumerate().map(|(i, t)| format!("{i} : {} . {}", t.ip, t.port)).collect();
-                vec![format!(
-                    "meta l4proto {proto} dnat {} to numgen random mod {} map {}",
-                    family.kw(),
-                    many.len(),
-                    set_literal(&arms)
-                )]
-            }
-        };
+        let n = targets.len();
+        return targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let dnat = format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port));
+                match n - i {
+                    1 => dnat,
+                    left => format!("numgen random mod {left} 0 {dnat}"),
+                }
+            })
+            .collect();
     };
     let mut rules: Vec<String> = targets
         .iter()
