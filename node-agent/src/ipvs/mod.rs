@@ -34,7 +34,7 @@ use std::{
 
 use fleetproxy_api::{IpvsScheduler, ProxyMode};
 use rustix::net::{
-    AddressFamily, RecvFlags, SendFlags, SocketType,
+    AddressFamily, Protocol, RecvFlags, SendFlags, SocketType,
     netlink::{GENERIC, SocketAddrNetlink},
 };
 
@@ -85,27 +85,7 @@ fn io_error(what: &str, err: impl std::fmt::Display) -> DataPlaneError {
 impl GenlSocket {
     /// Opens a socket in `netns` (or our own namespace) and resolves the IPVS family.
     fn open(netns: Option<&str>) -> Result<Self, DataPlaneError> {
-        let fd = match netns {
-            None => new_socket()?,
-            Some(name) => {
-                let path = Path::new("/run/netns").join(name);
-                std::thread::scope(|scope| {
-                    scope
-                        .spawn(|| {
-                            let ns = std::fs::File::open(&path)
-                                .map_err(|e| io_error(&format!("open {}", path.display()), e))?;
-                            rustix::thread::move_into_link_name_space(
-                                ns.as_fd(),
-                                Some(rustix::thread::LinkNameSpaceType::Network),
-                            )
-                            .map_err(|e| io_error(&format!("setns {}", path.display()), e))?;
-                            new_socket()
-                        })
-                        .join()
-                        .unwrap_or_else(|_| Err(apply_error("netns thread panicked")))
-                })?
-            }
-        };
+        let fd = open_netlink(GENERIC, netns)?;
         let mut socket = Self { fd, family: 0, seq: 0, buf: vec![0; RECV_BUFFER] };
         let seq = socket.next_seq();
         socket.send(&netlink::encode_get_family(seq))?;
@@ -229,8 +209,30 @@ impl GenlSocket {
     }
 }
 
-fn new_socket() -> Result<OwnedFd, DataPlaneError> {
-    let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, Some(GENERIC))
+/// A netlink socket of `protocol` in the network namespace `netns` (or ours): a socket stays in the
+/// namespace it was created in, so it is created on a thread that entered `/run/netns/<netns>`.
+pub(crate) fn open_netlink(protocol: Protocol, netns: Option<&str>) -> Result<OwnedFd, DataPlaneError> {
+    let Some(name) = netns else { return new_socket(protocol) };
+    let path = Path::new("/run/netns").join(name);
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let ns = std::fs::File::open(&path)
+                    .map_err(|e| io_error(&format!("open {}", path.display()), e))?;
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .map_err(|e| io_error(&format!("setns {}", path.display()), e))?;
+                new_socket(protocol)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(apply_error("netns thread panicked")))
+    })
+}
+
+fn new_socket(protocol: Protocol) -> Result<OwnedFd, DataPlaneError> {
+    let fd = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, Some(protocol))
         .map_err(|e| io_error("netlink socket", e))?;
     rustix::net::bind(&fd, &SocketAddrNetlink::new(0, 0)).map_err(|e| io_error("bind netlink socket", e))?;
     // The kernel answers at once; a missing answer must fail the sync, not hang it.

@@ -6,6 +6,7 @@
 //! partial sync sends only the difference, reads the kernel back for the rule count, and removes
 //! its two tables on clean-up — nothing else.
 
+pub mod count;
 pub mod names;
 pub mod readback;
 pub mod render;
@@ -128,15 +129,10 @@ impl DataPlane for NftablesProxier {
     }
 
     async fn rule_count(&self) -> Result<u64, DataPlaneError> {
-        let mut count = 0;
-        for family in self.our_tables().await? {
-            let json = self.runner.run(NFT, &["-j", "list", "table", &family, TABLE], None).await?;
-            count += readback::count_rules(&json).map_err(|message| DataPlaneError::ReadBack {
-                what: format!("table {family} {TABLE}"),
-                message,
-            })?;
-        }
-        Ok(count)
+        let netns = self.runner.netns().map(str::to_owned);
+        tokio::task::spawn_blocking(move || count::count_rules(netns.as_deref())).await.map_err(|e| {
+            DataPlaneError::ReadBack { what: format!("table {TABLE}"), message: e.to_string() }
+        })?
     }
 
     async fn cleanup(&mut self) -> Result<(), DataPlaneError> {

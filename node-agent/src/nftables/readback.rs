@@ -1,5 +1,5 @@
-//! Reading our tables back from `nft -j` (JSON) output: what to count for the status rule count,
-//! and which objects exist for a full sync to delete.
+//! Reading our tables back from `nft -j` (JSON) output: which tables and objects exist, for a full
+//! sync to delete what it no longer wants. (The rule count comes over netlink: [`super::count`].)
 
 use serde_json::Value;
 
@@ -22,29 +22,6 @@ pub fn our_tables(json: &str) -> Result<Vec<String>, String> {
         .filter(|t| t.get("name").and_then(Value::as_str) == Some(TABLE))
         .filter_map(|t| t.get("family").and_then(Value::as_str).map(str::to_owned))
         .collect())
-}
-
-/// Whether a set holds dynamic state (clients pinned by affinity) rather than rules.
-fn is_dynamic(set: &Value) -> bool {
-    set.get("flags")
-        .and_then(Value::as_array)
-        .is_some_and(|flags| flags.iter().any(|f| matches!(f.as_str(), Some("dynamic" | "timeout"))))
-}
-
-/// What one table holds that counts as rules: every rule, every element of a verdict map and of a
-/// static set. Elements of affinity sets are clients, not rules, and are left out.
-pub fn count_rules(json: &str) -> Result<u64, String> {
-    let mut count = 0u64;
-    for object in objects(json)? {
-        if object.get("rule").is_some() {
-            count += 1;
-        } else if let Some(set) = object.get("map").or_else(|| object.get("set"))
-            && !is_dynamic(set)
-        {
-            count += set.get("elem").and_then(Value::as_array).map_or(0, |e| e.len() as u64);
-        }
-    }
-    Ok(count)
 }
 
 /// The names of our chains, sets and maps in both families, from `nft -j` listings of chains,
@@ -97,11 +74,6 @@ mod tests {
     ]}"#;
 
     #[test]
-    fn counts_rules_and_static_elements_only() {
-        assert_eq!(count_rules(LISTING).expect("parses"), 4);
-    }
-
-    #[test]
     fn lists_our_object_names_per_family() {
         let chains = r#"{"nftables": [{"metainfo": {}},
             {"chain": {"family": "ip", "table": "fleetproxy", "name": "services"}},
@@ -121,6 +93,6 @@ mod tests {
             {"table": {"family": "inet", "name": "filter"}},
             {"table": {"family": "ip6", "name": "fleetproxy"}}]}"#;
         assert_eq!(our_tables(json).expect("parses"), vec!["ip", "ip6"]);
-        assert!(count_rules("not json").is_err());
+        assert!(our_tables("not json").is_err());
     }
 }

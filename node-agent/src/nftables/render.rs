@@ -55,6 +55,11 @@ const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 const EXCLUDED: &str = "excluded-cidrs";
 const HAIRPIN: &str = "hairpin-connections";
 
+/// Our sets and maps whose elements are rules (not clients, as in the affinity sets).
+pub fn static_sets() -> impl Iterator<Item = &'static str> {
+    [EXCLUDED, HAIRPIN].into_iter().chain(VerdictMap::ALL.map(VerdictMap::name))
+}
+
 /// Priority of the filter base chains: before the nat chains (dstnat, -100), so that the output
 /// hook still sees the service address, and before iptables' filter table.
 const FILTER_PRIORITY: i32 = -110;

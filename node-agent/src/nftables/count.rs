@@ -1,0 +1,186 @@
+//! Counting our rules in the kernel over netlink: a dump of our table's rules and of our static
+//! sets' elements, counted message by message. `nft list table` would do the same at 10,000
+//! services in 5.7 s and 330 MiB (the `-j` form: 780 MiB), every syncPeriod.
+//!
+//! What counts matches what a user would count in `nft list table`: every rule, and every element
+//! of the verdict maps and static sets (an interval once, not as its two kernel elements). The
+//! affinity sets hold clients, not rules, and are not counted.
+
+use rustix::net::{RecvFlags, SendFlags, netlink::SocketAddrNetlink};
+
+use super::render::{TABLE, static_sets};
+use crate::{
+    dataplane::DataPlaneError,
+    ipvs::{
+        netlink::{Message, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HDRLEN, attributes, parse_messages},
+        open_netlink,
+    },
+    model::IpFamily,
+};
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
+const ENOENT: i32 = 2;
+const RECV_BUFFER: usize = 1 << 20;
+const NETFILTER: rustix::net::Protocol = rustix::net::netlink::NETFILTER;
+
+fn read_back_error(message: impl std::fmt::Display) -> DataPlaneError {
+    DataPlaneError::ReadBack { what: format!("table {TABLE} over netlink"), message: message.to_string() }
+}
+
+/// A dump request: netlink header, nfgenmsg for `family`, then `(type, string)` attributes.
+pub fn dump_request(message: u16, family: IpFamily, seq: u32, attrs: &[(u16, &str)]) -> Vec<u8> {
+    let mut out = vec![0u8; NLMSG_HDRLEN];
+    let af: u8 = match family {
+        IpFamily::V4 => 2,
+        IpFamily::V6 => 10,
+    };
+    out.extend_from_slice(&[af, 0, 0, 0]);
+    for (kind, value) in attrs {
+        let payload_len = value.len() + 1;
+        let len = u16::try_from(4 + payload_len).unwrap_or(u16::MAX);
+        out.extend_from_slice(&len.to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    let total = u32::try_from(out.len()).unwrap_or(u32::MAX);
+    out[0..4].copy_from_slice(&total.to_ne_bytes());
+    out[4..6].copy_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | message).to_ne_bytes());
+    out[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    out[8..12].copy_from_slice(&seq.to_ne_bytes());
+    out
+}
+
+/// The elements one `NEWSETELEM` message carries (its attributes after nfgenmsg), intervals'
+/// end markers left out.
+pub fn count_elements(attrs: &[u8]) -> Result<u64, String> {
+    let mut count = 0;
+    for (kind, list) in attributes(attrs).map_err(|e| e.to_string())? {
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for (_, element) in attributes(list).map_err(|e| e.to_string())? {
+            let interval_end = attributes(element).map_err(|e| e.to_string())?.iter().any(|(k, v)| {
+                *k == NFTA_SET_ELEM_FLAGS
+                    && v.get(0..4).is_some_and(|b| {
+                        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & NFT_SET_ELEM_INTERVAL_END != 0
+                    })
+            });
+            if !interval_end {
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
+}
+
+struct Dumper {
+    fd: std::os::fd::OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Dumper {
+    /// Sends a dump request and folds every answer through `each`; a missing table or set
+    /// (`ENOENT`) is an empty dump.
+    fn dump(
+        &mut self,
+        message: u16,
+        family: IpFamily,
+        attrs: &[(u16, &str)],
+        mut each: impl FnMut(&[u8]) -> Result<u64, String>,
+    ) -> Result<u64, DataPlaneError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let request = dump_request(message, family, seq, attrs);
+        rustix::net::sendto(&self.fd, &request, SendFlags::empty(), &SocketAddrNetlink::new(0, 0))
+            .map_err(read_back_error)?;
+        let mut total = 0;
+        loop {
+            let (len, _) = rustix::net::recv(&self.fd, &mut self.buf[..], RecvFlags::empty())
+                .map_err(read_back_error)?;
+            for reply in parse_messages(&self.buf[..len]).map_err(read_back_error)? {
+                match reply {
+                    Message::Done { seq: s } if s == seq => return Ok(total),
+                    Message::Error { seq: s, errno } if s == seq => {
+                        return match -errno {
+                            0 => Ok(total),
+                            ENOENT => Ok(0),
+                            code => Err(read_back_error(std::io::Error::from_raw_os_error(code))),
+                        };
+                    }
+                    Message::Data { seq: s, attrs, .. } if s == seq => {
+                        total += each(&attrs).map_err(read_back_error)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Rules and static elements of our table in both families, in `netns` (or ours). Blocking.
+pub fn count_rules(netns: Option<&str>) -> Result<u64, DataPlaneError> {
+    let fd = open_netlink(NETFILTER, netns)?;
+    let mut dumper = Dumper { fd, seq: 0, buf: vec![0; RECV_BUFFER] };
+    let mut count = 0;
+    for family in [IpFamily::V4, IpFamily::V6] {
+        count += dumper.dump(NFT_MSG_GETRULE, family, &[(NFTA_RULE_TABLE, TABLE)], |_| Ok(1))?;
+        for set in static_sets() {
+            count += dumper.dump(
+                NFT_MSG_GETSETELEM,
+                family,
+                &[(NFTA_SET_ELEM_LIST_TABLE, TABLE), (NFTA_SET_ELEM_LIST_SET, set)],
+                count_elements,
+            )?;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rule_dump_request_names_the_table() {
+        let request = dump_request(NFT_MSG_GETRULE, IpFamily::V6, 7, &[(NFTA_RULE_TABLE, "fleetproxy")]);
+        assert_eq!(request.len() % 4, 0);
+        assert_eq!(
+            u32::from_ne_bytes([request[0], request[1], request[2], request[3]]) as usize,
+            request.len()
+        );
+        assert_eq!(u16::from_ne_bytes([request[4], request[5]]), 0x0a07);
+        assert_eq!(u16::from_ne_bytes([request[6], request[7]]), 0x301);
+        assert_eq!(request[16], 10, "AF_INET6");
+        assert_eq!(&request[24..35], b"fleetproxy\0");
+    }
+
+    fn attr(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&u16::try_from(4 + payload.len()).expect("short").to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(payload);
+        out.resize(out.len().next_multiple_of(4), 0);
+        out
+    }
+
+    #[test]
+    fn elements_are_counted_without_interval_ends() {
+        let key = attr(1, &attr(1, &[10, 0, 0, 0]));
+        let plain = attr(1, &key);
+        let end = attr(1, &[key.clone(), attr(NFTA_SET_ELEM_FLAGS, &1u32.to_be_bytes())].concat());
+        let list = attr(NFTA_SET_ELEM_LIST_ELEMENTS | 0x8000, &[plain.clone(), plain, end].concat());
+        let attrs = [attr(NFTA_SET_ELEM_LIST_TABLE, b"fleetproxy\0"), list].concat();
+        assert_eq!(count_elements(&attrs), Ok(2));
+    }
+}
