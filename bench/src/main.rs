@@ -3,11 +3,11 @@
 //! docs/benchmarks.md for what it measures and how.
 
 mod load;
+mod netlink;
 mod proxy;
 mod report;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::Stdio,
@@ -25,6 +25,7 @@ use kube::{
 
 use crate::{
     load::{Model, NAMESPACE, Point},
+    netlink::{Source, Tracker},
     proxy::{Mode, Running, Setup, Variant},
     report::{Latency, RunResult},
 };
@@ -60,11 +61,11 @@ struct Args {
     /// dump competes with the proxy for the kernel's ruleset and for CPU.
     #[arg(long, default_value_t = 1.0)]
     poll_gap: f64,
-    /// How the latency phase sees a change reach the kernel: `poll` (dumps, as the cold start) or
-    /// `monitor` (`nft monitor` events in the node namespace, timestamped as they arrive;
-    /// experimental, see docs/benchmarks.md).
-    #[arg(long, default_value = "poll", value_parser = ["poll", "monitor"])]
-    detect: String,
+    /// How the latency phase sees a change reach the kernel: `netlink` (the kernel's nftables
+    /// events in the node namespace, timestamped as they arrive; dumps after an overrun) or `poll`
+    /// (kernel dumps, as the cold start).
+    #[arg(long, default_value = "netlink")]
+    detect: Detect,
     /// Give up on a cold start after this long.
     #[arg(long, default_value_t = 900)]
     cold_timeout_s: u64,
@@ -84,6 +85,28 @@ struct Args {
     #[arg(long)]
     kube_proxy: Option<PathBuf>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Detect {
+    Netlink,
+    Poll,
+}
+
+impl Detect {
+    pub fn name(self) -> &'static str {
+        match self {
+            Detect::Netlink => "netlink",
+            Detect::Poll => "poll",
+        }
+    }
+}
+
+/// With `--detect netlink`, how long after the last change's write the changes not announced yet
+/// are left to kernel dumps.
+pub const NETLINK_GRACE: Duration = Duration::from_secs(60);
+/// How long after the last change's write (plus [`NETLINK_GRACE`] with netlink) dumps go on looking
+/// for the changes not seen yet, before they count as lost.
+const DUMP_GIVE_UP: Duration = Duration::from_secs(120);
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/controlplane/controlplane.sh")
@@ -244,7 +267,7 @@ async fn run_one(
     let dump = running.full_dump()?;
     let lines = proxy::ruleset_entries(&dump);
 
-    let (latencies, lost) = latency_phase(client, &mut running, model, changes, args, seed).await?;
+    let phase = latency_phase(client, &mut running, model, changes, args, seed).await?;
     let (syncs, sync_seconds) = running.sync_metrics().unwrap_or((f64::NAN, f64::NAN));
     let cpu_total = running.cpu_seconds();
     let rss = running.peak_rss();
@@ -265,17 +288,33 @@ async fn run_one(
         bytes: dump.iter().map(String::len).sum(),
         syncs,
         sync_mean_ms: sync_seconds / syncs * 1000.0,
-        changes: latencies.len() + lost,
-        lost,
+        detect: args.detect,
+        changes: phase.done.len() + phase.lost,
+        by_dump: phase.done.iter().filter(|(_, source)| *source == Source::Dump).count(),
+        overruns: phase.overruns,
+        lost: phase.lost,
     };
-    let lat = latencies.into_iter().map(|ms| Latency { point, mode, variant, repeat, ms }).collect();
+    let lat = phase
+        .done
+        .into_iter()
+        .map(|(ms, source)| Latency { point, mode, variant, repeat, ms, source })
+        .collect();
     Ok((run, lat))
 }
 
+/// What the latency phase saw: each change's latency (ms) and how it was seen, the listener's
+/// overruns, and the changes never seen.
+struct Phase {
+    done: Vec<(f64, Source)>,
+    overruns: usize,
+    lost: usize,
+}
+
 /// Sends `count` single-endpoint changes, one every `--change-interval-ms`, each to another
-/// EndpointSlice, and polls the kernel until each new address shows up. Latency: from just before
-/// the API write (the trigger time written into the slice) to the end of the first kernel dump that
-/// holds the address.
+/// EndpointSlice, and waits until each new address is in the kernel. Latency: from just before the
+/// API write (the trigger time written into the slice) to the arrival of the first nftables event
+/// that carries the address (`--detect netlink`), or to the end of the first kernel dump that holds
+/// it (`--detect poll`, and for the changes events cannot vouch for: see [`netlink`]).
 async fn latency_phase(
     client: &Client,
     running: &mut Running,
@@ -283,14 +322,21 @@ async fn latency_phase(
     count: usize,
     args: &Args,
     seed: usize,
-) -> Result<(Vec<f64>, usize)> {
+) -> Result<Phase> {
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
-    let pending: Arc<Mutex<HashMap<u32, Instant>>> = Arc::default();
-    let monitor = if args.detect == "monitor" { Some(running.monitor(load::is_change_ip)?) } else { None };
+    let tracker: Arc<Mutex<Tracker>> = Arc::default();
+    let by_dump = args.detect == Detect::Poll;
+    // Subscribed before the first change is registered: every change's commit is announced to us.
+    let _listener = match args.detect {
+        Detect::Netlink => {
+            Some(netlink::Listener::start(running.netns.name(), Arc::clone(&tracker), load::is_change_ip)?)
+        }
+        Detect::Poll => None,
+    };
     let mut services = std::mem::take(&mut model.services);
     let interval = Duration::from_millis(args.change_interval_ms);
     let sender = {
-        let pending = Arc::clone(&pending);
+        let tracker = Arc::clone(&tracker);
         tokio::spawn(async move {
             let start = tokio::time::Instant::now();
             let mut result = Ok(());
@@ -300,7 +346,7 @@ async fn latency_phase(
                 let svc = &mut services[service];
                 let slice = n % svc.slices.len();
                 let ip = load::next_change_ip();
-                lock(&pending).insert(ip, Instant::now());
+                lock(&tracker).register(ip, by_dump);
                 if let Err(e) = load::change_endpoint(&slices, svc, slice, n, ip).await {
                     result = Err(e);
                     break;
@@ -310,52 +356,63 @@ async fn latency_phase(
             (services, result)
         })
     };
-    let mut latencies = Vec::with_capacity(count);
+    let grace = if by_dump { Duration::ZERO } else { NETLINK_GRACE };
     let mut sent_all_at: Option<Instant> = None;
     loop {
         running.check_alive()?;
-        let t = Instant::now();
-        if let Some(monitor) = &monitor {
-            let seen = lock(&monitor.seen);
-            let mut pending = lock(&pending);
-            pending.retain(|ip, sent| match seen.get(ip) {
-                Some(at) => {
-                    latencies.push(at.saturating_duration_since(*sent).as_secs_f64() * 1000.0);
-                    false
-                }
-                None => true,
-            });
+        let now = Instant::now();
+        let done = sender.is_finished();
+        if done && sent_all_at.is_none() {
+            sent_all_at = Some(now);
         }
-        let dump = if monitor.is_some() { String::new() } else { running.poll_dump()? };
+        let since_sent = sent_all_at.map_or(Duration::ZERO, |t| now - t);
+        let wants_dump = {
+            let mut t = lock(&tracker);
+            if let Some(why) = &t.failed {
+                bail!("netlink listener: {why}");
+            }
+            if done && t.pending() == 0 {
+                break;
+            }
+            if since_sent > grace + DUMP_GIVE_UP {
+                eprintln!("bench:   {} changes never reached the kernel", t.pending());
+                break;
+            }
+            if since_sent > grace && t.awaiting_events() > 0 {
+                eprintln!(
+                    "bench:   {} changes not announced within {grace:?}; looking in dumps",
+                    t.awaiting_events()
+                );
+                t.all_to_dump();
+            }
+            // `--detect poll` dumps all along, whether or not a change is pending.
+            by_dump || t.wants_dump()
+        };
+        if !wants_dump {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let dump = running.poll_dump()?;
         let end = Instant::now();
         {
-            let mut pending = lock(&pending);
-            if !pending.is_empty() && monitor.is_none() {
-                proxy::scan_ips(&dump, |ip| {
-                    if let Some(sent) = pending.remove(&ip) {
-                        latencies.push((end - sent).as_secs_f64() * 1000.0);
-                    }
-                });
-            }
-            let done = sender.is_finished();
-            if done && sent_all_at.is_none() {
-                sent_all_at = Some(end);
-            }
-            if done && pending.is_empty() {
-                break;
-            }
-            if sent_all_at.is_some_and(|t| end - t > Duration::from_secs(120)) {
-                eprintln!("bench:   {} changes never reached the kernel", pending.len());
-                break;
-            }
+            let mut t = lock(&tracker);
+            proxy::scan_ips(&dump, |ip| t.dumped(ip, end));
         }
-        tokio::time::sleep(gap(end - t, args.poll_gap)).await;
+        tokio::time::sleep(gap(end - now, args.poll_gap)).await;
     }
     let (services, result) = sender.await?;
     model.services = services;
     result?;
-    let lost = count - latencies.len();
-    Ok((latencies, lost))
+    let mut t = lock(&tracker);
+    let done = std::mem::take(&mut t.done);
+    if t.overruns > 0 {
+        eprintln!(
+            "bench:   {} netlink overruns; {} changes resolved by dump",
+            t.overruns,
+            done.iter().filter(|d| d.1 == Source::Dump).count()
+        );
+    }
+    Ok(Phase { lost: count - done.len(), done, overruns: t.overruns })
 }
 
 /// The pause after a kernel dump that took `took`.

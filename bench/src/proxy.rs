@@ -188,36 +188,6 @@ impl Running {
         Some((count, sum))
     }
 
-    /// Starts `nft monitor` in the node namespace: every address in the events it prints, with the
-    /// time the event arrived (the first time only), for the addresses `keep` accepts.
-    pub fn monitor(&self, keep: fn(u32) -> bool) -> Result<Monitor> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.netns.name(), "nft", "monitor"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("starting nft monitor")?;
-        let stdout = child.stdout.take().context("nft monitor stdout")?;
-        let seen: Arc<std::sync::Mutex<std::collections::HashMap<u32, Instant>>> = Arc::default();
-        let map = Arc::clone(&seen);
-        let thread = std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let at = Instant::now();
-                let mut seen = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                scan_ips(&line, |ip| {
-                    if keep(ip) {
-                        seen.entry(ip).or_insert(at);
-                    }
-                });
-            }
-        });
-        Ok(Monitor { child, seen, thread: Some(thread) })
-    }
-
     /// CPU seconds of the process and its reaped children so far.
     pub fn cpu_seconds(&self) -> f64 {
         cpu_seconds(self.child.id())
@@ -233,23 +203,6 @@ impl Running {
         let _ = self.child.kill();
         self.child.wait()?;
         Ok(())
-    }
-}
-
-/// A running `nft monitor` and the addresses its events carried.
-pub struct Monitor {
-    child: Child,
-    pub seen: Arc<std::sync::Mutex<std::collections::HashMap<u32, Instant>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
