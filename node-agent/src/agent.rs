@@ -628,6 +628,8 @@ impl Agent {
         };
         let mode = target.mode;
         let previous = self.active.replace(Active { backend: next, settings: target });
+        // The count read for the previous mode says nothing about this one.
+        self.rule_count = None;
         self.mode.set(mode);
         self.metrics.set_active_mode(mode);
         self.stale_modes.remove(&mode);

@@ -110,14 +110,15 @@ pub fn worth_writing(
             .iter()
             .map(|c| (&c.type_, &c.status, &c.reason, &c.message, c.observed_generation))
             .collect();
-        (s.active_mode, s.applied_generation, &s.capabilities, conditions)
+        // The count changes only when the kernel is read back (after full syncs and once per
+        // syncPeriod), so it is written when it changes.
+        (s.active_mode, s.applied_generation, &s.capabilities, conditions, s.rule_count)
     }
     if significant(desired) != significant(previous) {
         return true;
     }
-    let volatile_changed = desired.rule_count != previous.rule_count
-        || desired.sync_duration != previous.sync_duration
-        || desired.last_sync != previous.last_sync;
+    let volatile_changed =
+        desired.sync_duration != previous.sync_duration || desired.last_sync != previous.last_sync;
     let refresh = SignedDuration::try_from(refresh).unwrap_or(SignedDuration::MAX);
     let stale = previous.last_sync.as_ref().is_none_or(|Time(at)| now.duration_since(*at) >= refresh);
     volatile_changed && stale
@@ -197,8 +198,12 @@ mod tests {
         busier.rule_count = Some(130);
         busier.last_sync = Some(at(10));
         let busier = status(&busier, Some(&written), at(10));
-        assert!(!worth_writing(&busier, Some(&written), period, at(10)), "rule counts wait for the period");
-        assert!(worth_writing(&busier, Some(&written), period, at(30)), "and are written after it");
+        assert!(worth_writing(&busier, Some(&written), period, at(10)), "a new kernel count is news");
+        let mut later = report(true);
+        later.last_sync = Some(at(10));
+        let later = status(&later, Some(&written), at(10));
+        assert!(!worth_writing(&later, Some(&written), period, at(10)), "sync times wait for the period");
+        assert!(worth_writing(&later, Some(&written), period, at(30)), "and are written after it");
 
         let failed = status(&report(false), Some(&written), at(5));
         assert!(worth_writing(&failed, Some(&written), period, at(5)), "readiness is news at once");

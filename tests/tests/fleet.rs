@@ -202,35 +202,19 @@ async fn fleet_switches_from_iptables_to_nftables_node_by_node_without_failed_co
         ensure!(!fleet.nft_tables(&node.name)?.is_empty(), "{}: no nftables table", node.name);
     }
     setup.assert_service_answers()?;
-    let status = config.status.clone().context("no status")?;
-    ensure!(status.summary.by_mode.get("nftables") == Some(&(NODES as u32)), "{:?}", status.summary);
-    for entry in &status.nodes {
-        let metrics = setup.agent_metrics(&entry.name)?;
-        let kernel = fleet::metric_samples(&metrics, "fleetproxy_agent_rules");
-        let pn = setup.proxy_node(&entry.name).await?.context("ProxyNode gone")?;
-        let reported = pn.status.and_then(|s| s.rule_count);
-        eprintln!(
-            "  {}: status ruleCount {:?}, ProxyNode ruleCount {reported:?}, agent gauge {kernel:?}",
-            entry.name, entry.rule_count
-        );
-        ensure!(entry.rule_count.is_some_and(|c| c > 0), "{}: no rule count", entry.name);
-        ensure!(
-            reported == entry.rule_count,
-            "{}: the status entry is not the ProxyNode's count",
-            entry.name
-        );
-        let iptables = kernel.iter().find(|(labels, _)| labels.contains("iptables")).map(|(_, v)| *v);
-        ensure!(
-            iptables == Some(0.0),
-            "{}: the agent's iptables gauge reads {iptables:?} after the switch",
-            entry.name
-        );
-        let gauge = kernel.iter().find(|(labels, _)| labels.contains("nftables")).map(|(_, v)| *v as i64);
-        ensure!(
-            gauge == reported,
-            "{}: the agent's nftables gauge {gauge:?} is not its reported count",
-            entry.name
-        );
+    // The kernel is read back beside the sync loop, so the counts settle a moment after the switch.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut config = config;
+    loop {
+        match check_rule_counts(&setup, &config).await {
+            Ok(()) => break,
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("  rule counts not settled yet: {err}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                config = setup.settle(ProxyMode::Nftables).await?;
+            }
+            Err(err) => return Err(err),
+        }
     }
 
     // API writes, per node.
@@ -436,5 +420,41 @@ async fn deleted_node_loses_its_proxynode_and_status_entry() -> Result<()> {
         bail!("the remaining nodes are not ready: {:?}", status.nodes);
     }
     setup.fleet.passed();
+    Ok(())
+}
+
+/// The status holds what each kernel holds: every entry's count is its ProxyNode's, and the
+/// agent's gauges agree (nftables counted, iptables zero after the switch).
+async fn check_rule_counts(setup: &Setup, config: &ProxyConfig) -> Result<()> {
+    let status = config.status.clone().context("no status")?;
+    ensure!(status.summary.by_mode.get("nftables") == Some(&(NODES as u32)), "{:?}", status.summary);
+    for entry in &status.nodes {
+        let metrics = setup.agent_metrics(&entry.name)?;
+        let kernel = fleet::metric_samples(&metrics, "fleetproxy_agent_rules");
+        let pn = setup.proxy_node(&entry.name).await?.context("ProxyNode gone")?;
+        let reported = pn.status.and_then(|s| s.rule_count);
+        eprintln!(
+            "  {}: status ruleCount {:?}, ProxyNode ruleCount {reported:?}, agent gauge {kernel:?}",
+            entry.name, entry.rule_count
+        );
+        ensure!(entry.rule_count.is_some_and(|c| c > 0), "{}: no rule count", entry.name);
+        ensure!(
+            reported == entry.rule_count,
+            "{}: the status entry is not the ProxyNode's count",
+            entry.name
+        );
+        let iptables = kernel.iter().find(|(labels, _)| labels.contains("iptables")).map(|(_, v)| *v);
+        ensure!(
+            iptables == Some(0.0),
+            "{}: the agent's iptables gauge reads {iptables:?} after the switch",
+            entry.name
+        );
+        let gauge = kernel.iter().find(|(labels, _)| labels.contains("nftables")).map(|(_, v)| *v as i64);
+        ensure!(
+            gauge == reported,
+            "{}: the agent's nftables gauge {gauge:?} is not its reported count",
+            entry.name
+        );
+    }
     Ok(())
 }
