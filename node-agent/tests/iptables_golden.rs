@@ -4,10 +4,15 @@
 //! After an intended change of the output, regenerate the files and review the diff:
 //! `UPDATE_GOLDEN=1 cargo test -p fleetproxy-agent --test iptables_golden`.
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
 use fleetproxy_agent::{
-    iptables::render::{self, KernelChains, Mode, Table},
+    iptables::render::{self, KernelChains, Mode, Split, Table},
     model::{IpFamily, Protocol, ServicePortName},
     policy::{NodeSettings, ServicePlan, Target},
 };
@@ -127,6 +132,7 @@ fn full_sync_ipv4() {
         &plans(),
         &settings(),
         &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
     );
     assert_eq!(rendered.lines, rendered.text.lines().count());
     check("iptables-full-v4.txt", &rendered.text);
@@ -139,6 +145,7 @@ fn full_sync_ipv6() {
         &plans(),
         &settings(),
         &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
     );
     check("iptables-full-v6.txt", &rendered.text);
 }
@@ -156,7 +163,8 @@ fn full_sync_over_existing_state() {
         .extend(["FP-SERVICES", "FP-SVC-STALESTALESTALE1", "FP-SEP-STALESTALESTALE2"].map(String::from));
     existing.filter.extend(["FP-FORWARD", "FP-OLD-CHAIN"].map(String::from));
     let plans: Vec<ServicePlan> = plans().into_iter().take(1).collect();
-    let rendered = render::render(IpFamily::V4, &plans, &settings(), &Mode::Full { existing: &existing });
+    let rendered =
+        render::render(IpFamily::V4, &plans, &settings(), &Mode::Full { existing: &existing }, Split::Never);
     assert!(!rendered.text.contains("-I "), "jump rules re-added:\n{}", rendered.text);
     check("iptables-full-existing-v4.txt", &rendered.text);
     assert_eq!(existing.jumps.iter().filter(|(t, _, _)| *t == Table::Nat).count(), 3);
@@ -172,6 +180,7 @@ fn partial_sync_ipv4() {
         &before,
         &settings(),
         &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
     );
 
     let mut after = before.clone();
@@ -185,6 +194,7 @@ fn partial_sync_ipv4() {
         &after,
         &settings(),
         &Mode::Partial { changed: &changed, previous: &full.service_chains },
+        Split::Never,
     );
 
     let untouched = render::service_chain("SVC", &after[1].name, Protocol::Tcp);
@@ -201,13 +211,104 @@ fn settings_variants_ipv4() {
     let mut settings = settings();
     settings.cluster_cidrs.push("10.245.0.0/16".parse().expect("cidr"));
     settings.node_port_addresses = vec!["192.168.1.0/24".parse().expect("cidr")];
-    let rendered =
-        render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    let rendered = render::render(
+        IpFamily::V4,
+        &plans,
+        &settings,
+        &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
+    );
     check("iptables-cidrs-nodeport-addresses-v4.txt", &rendered.text);
 
     settings.masquerade_all = true;
-    let rendered =
-        render::render(IpFamily::V4, &plans, &settings, &Mode::Full { existing: &KernelChains::default() });
+    let rendered = render::render(
+        IpFamily::V4,
+        &plans,
+        &settings,
+        &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
+    );
     assert!(!rendered.text.contains(render::MARK_MASQ_OFF_CLUSTER));
     check("iptables-masquerade-all-v4.txt", &rendered.text);
+}
+
+/// Per table: the rules of each chain in order, the declared and deleted chains, the jump rules
+/// inserted; what a restore input does, whatever its transactions.
+fn commands(text: &str) -> BTreeMap<String, Commands> {
+    let mut tables: BTreeMap<String, Commands> = BTreeMap::new();
+    let mut table = String::new();
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = name.to_owned();
+            continue;
+        }
+        let t = tables.entry(table.clone()).or_default();
+        if let Some(decl) = line.strip_prefix(':') {
+            t.declared.insert(decl.to_owned());
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().expect("chain");
+            t.rules.entry(chain.to_owned()).or_default().push(rule.to_owned());
+        } else if let Some(chain) = line.strip_prefix("-X ") {
+            t.deleted.insert(chain.to_owned());
+        } else if line.starts_with("-I ") {
+            t.inserted.push(line.to_owned());
+        } else {
+            assert_eq!(line, "COMMIT", "unexpected line");
+        }
+    }
+    tables
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Commands {
+    rules: BTreeMap<String, Vec<String>>,
+    declared: BTreeSet<String>,
+    deleted: BTreeSet<String>,
+    inserted: Vec<String>,
+}
+
+/// The nf_tables layout ("Transactions" in the renderer): the fixed chains, the jump rules and the
+/// first services; more blocks of whole services; the dispatch chains; then the stale chains,
+/// flushed, then deleted. The same commands as one transaction, in other transactions.
+#[test]
+fn split_full_sync_ipv4() {
+    let mut existing = KernelChains::default();
+    existing.nat.extend(["FP-SVC-STALESTALESTALE1", "FP-SEP-STALESTALESTALE2"].map(String::from));
+    let mode = Mode::Full { existing: &existing };
+    let split = render::render(IpFamily::V4, &plans(), &settings(), &mode, Split::Chains(5));
+    let single = render::render(IpFamily::V4, &plans(), &settings(), &mode, Split::Never);
+    assert_eq!(split.lines, split.text.lines().count());
+    assert_eq!(split.service_chains, single.service_chains);
+    assert_eq!(commands(&split.text), commands(&single.text));
+    assert_eq!(split.text.matches("*nat\n").count(), 7, "4 blocks, dispatch, flush, delete");
+    check("iptables-split-v4.txt", &split.text);
+
+    // Small enough for one block: one transaction, as without splitting.
+    let whole = render::render(IpFamily::V4, &plans(), &settings(), &mode, Split::Chains(1000));
+    assert_eq!(whole.text, single.text);
+}
+
+/// A partial sync splits the same way, and writes what one transaction would.
+#[test]
+fn split_partial_sync_ipv4() {
+    let before = plans();
+    let full = render::render(
+        IpFamily::V4,
+        &before,
+        &settings(),
+        &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
+    );
+    let mut after = before.clone();
+    after[0].cluster_targets.pop();
+    after[0].external_targets.pop();
+    after[1].cluster_targets.pop();
+    let removed = after.remove(4).name;
+    let changed: BTreeSet<ServicePortName> = [after[0].name.clone(), after[1].name.clone(), removed].into();
+    let mode = Mode::Partial { changed: &changed, previous: &full.service_chains };
+    let split = render::render(IpFamily::V4, &after, &settings(), &mode, Split::Chains(2));
+    let single = render::render(IpFamily::V4, &after, &settings(), &mode, Split::Never);
+    assert!(split.text.matches("COMMIT").count() > 3, "{}", split.text);
+    assert_eq!(split.service_chains, single.service_chains);
+    assert_eq!(commands(&split.text), commands(&single.text));
 }

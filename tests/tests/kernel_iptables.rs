@@ -19,7 +19,7 @@ use std::{
 use fleetproxy_agent::{
     dataplane::{Changes, DataPlane},
     exec::Runner,
-    iptables::IptablesProxier,
+    iptables::{IptablesProxier, render::Split},
     model::{IpFamily, Protocol, ServicePortName},
     policy::{NodeSettings, ServicePlan, Target},
 };
@@ -410,6 +410,71 @@ async fn resync_after_restart_keeps_traffic_flowing() {
 }
 
 /// Not an assertion: how long rendering and applying 1,000 services × 10 endpoints takes here.
+/// The nf_tables layout that cuts large nat updates into several transactions ("Transactions" in
+/// the renderer), forced on a small ruleset: across a first sync, a partial update and a full resync
+/// that deletes stale chains it programs exactly what one transaction programs, and serves traffic.
+#[tokio::test]
+async fn split_layout_programs_what_one_transaction_programs() {
+    let mut env = Env::new(2);
+    let first: Vec<ServicePlan> = (0..20u16)
+        .map(|i| {
+            let targets = env.targets(&[0, 1], false, TCP_PORT);
+            let mut p = plan(&format!("s{i}"), Protocol::Tcp, &format!("10.96.2.{i}"), 80, targets);
+            p.node_port = Some(31000 + i);
+            if i % 5 == 0 {
+                p.session_affinity = Some(Duration::from_secs(60));
+            }
+            p
+        })
+        .collect();
+    // Three services move to pod-2, the last five go; then three more go in a full resync.
+    let mut second = first[..15].to_vec();
+    for p in &mut second[..3] {
+        p.cluster_targets = env.targets(&[1], false, TCP_PORT);
+        p.external_targets = p.cluster_targets.clone();
+    }
+    let changed: BTreeSet<ServicePortName> =
+        first[..3].iter().chain(&first[15..]).map(|p| p.name.clone()).collect();
+    let third = second[..12].to_vec();
+    // The nat and filter rules, without counters.
+    let state = |env: &Env| -> Vec<String> {
+        env.save(false)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| if l.starts_with(':') { l.rsplit_once(' ').map_or(l, |(head, _)| head) } else { l })
+            .map(String::from)
+            .collect()
+    };
+
+    let mut states = Vec::new();
+    for split in [Split::Chains(10), Split::Never] {
+        env.proxier.force_split(split);
+        env.sync(&first, &Changes::Full).await;
+        let s1 = state(&env);
+        let stats = env
+            .proxier
+            .sync(&second, &env.settings, &Changes::Services(changed.clone()))
+            .await
+            .expect("partial sync");
+        assert!(!stats.full);
+        let s2 = state(&env);
+        if split != Split::Never {
+            let moved = tally(&env.node().probe_many(Proto::Tcp, addr("10.96.2.0", 80), 10, TIMEOUT));
+            assert_eq!(moved.keys().collect::<Vec<_>>(), ["pod-2"], "{moved:?}");
+            let kept = tally(&env.node().probe_many(Proto::Tcp, addr("10.96.2.11", 80), 40, TIMEOUT));
+            assert_eq!(kept.len(), 2, "{kept:?}");
+            let gone = env.node().probe(Proto::Tcp, addr("10.96.2.17", 80), Duration::from_millis(300));
+            assert!(gone.answer().is_none(), "removed service still answers: {gone:?}");
+        }
+        env.sync(&third, &Changes::Full).await;
+        let s3 = state(&env);
+        assert!(!s3.iter().any(|l| l.contains("s13:p")), "removed service left:\n{}", s3.join("\n"));
+        states.push([s1, s2, s3]);
+        env.proxier.cleanup().await.expect("cleanup");
+    }
+    assert_eq!(states[0], states[1]);
+}
+
 #[tokio::test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn scale_1000_services_x_10_endpoints() {

@@ -1,9 +1,10 @@
 //! The iptables data plane: kube-proxy's iptables proxier, with chains of our own (`FP-`).
 //!
 //! [`render`] turns service plans into `iptables-restore` input (pure); [`IptablesProxier`] applies
-//! it with one `iptables-restore --noflush` transaction per address family and sync (and
-//! `ip6tables-restore` for IPv6), reads the kernel back with `iptables-save`, and cleans up. Tools
-//! run through [`Runner`], so tests can point the proxier at a network namespace.
+//! it with one `iptables-restore --noflush` per address family and sync (and `ip6tables-restore` for
+//! IPv6), reads the kernel back with `iptables-save`, and cleans up. Tools run through [`Runner`], so
+//! tests can point the proxier at a network namespace. With the nf_tables backend, large nat updates
+//! are cut into several transactions (see [`render::Split`] and "Transactions" in [`render`]).
 //!
 //! Full syncs read our chains back from the kernel first, so that they add only missing jump rules
 //! and delete chains of ours nothing references any more. Partial syncs trust what the last
@@ -22,7 +23,7 @@ use std::{
 use fleetproxy_api::ProxyMode;
 
 use self::{
-    render::{Mode, ServiceChains, Table},
+    render::{Mode, ServiceChains, Split, Table},
     save::TableDump,
 };
 use crate::{
@@ -69,6 +70,10 @@ pub struct IptablesProxier {
     /// A sync failed: the next one must be full, whatever the caller says.
     needs_full: bool,
     warned_no_ipv6: bool,
+    /// Per family: whether its `iptables-restore` is the nf_tables one; asked once.
+    nf_tables: BTreeMap<IpFamily, bool>,
+    /// Set by [`Self::force_split`].
+    split_override: Option<Split>,
 }
 
 impl IptablesProxier {
@@ -89,7 +94,20 @@ impl IptablesProxier {
 
     /// A proxier limited to `families`.
     pub fn with_families(runner: Runner, families: Vec<IpFamily>) -> Self {
-        Self { runner, families, applied: BTreeMap::new(), needs_full: true, warned_no_ipv6: false }
+        Self {
+            runner,
+            families,
+            applied: BTreeMap::new(),
+            needs_full: true,
+            warned_no_ipv6: false,
+            nf_tables: BTreeMap::new(),
+            split_override: None,
+        }
+    }
+
+    /// Lays out every render as `split` says, whatever the backend (tests of the split layout).
+    pub fn force_split(&mut self, split: Split) {
+        self.split_override = Some(split);
     }
 
     /// The address families this proxier programs.
@@ -109,6 +127,31 @@ impl IptablesProxier {
         Ok(save::parse_table(&text, table))
     }
 
+    /// How renders for `family` may be split: only the nf_tables backend gains from several
+    /// transactions; with iptables-legacy each one rewrites the whole table.
+    async fn split(&mut self, family: IpFamily) -> Split {
+        if let Some(split) = self.split_override {
+            return split;
+        }
+        let nf_tables = match self.nf_tables.get(&family) {
+            Some(&known) => known,
+            None => match self.runner.run(tools(family).restore, &["--version"], None).await {
+                // "iptables-restore v1.8.9 (nf_tables)"; legacy says "(legacy)" or nothing.
+                Ok(version) => {
+                    let known = version.contains("nf_tables");
+                    self.nf_tables.insert(family, known);
+                    known
+                }
+                // Not remembered: a later sync asks again.
+                Err(e) => {
+                    tracing::debug!(error = %e, "{} --version failed", tools(family).restore);
+                    false
+                }
+            },
+        };
+        if nf_tables { Split::Auto } else { Split::Never }
+    }
+
     async fn restore(&self, family: IpFamily, input: &str) -> Result<(), DataPlaneError> {
         self.runner
             .run(tools(family).restore, &["--noflush", LOCK_WAIT], Some(input.as_bytes()))
@@ -124,6 +167,7 @@ impl IptablesProxier {
         settings: &NodeSettings,
         changes: Option<&BTreeSet<crate::model::ServicePortName>>,
     ) -> Result<(Duration, Duration, usize), DataPlaneError> {
+        let split = self.split(family).await;
         let mut apply = Duration::ZERO;
         let existing;
         let mode = match (changes, self.applied.get(&family)) {
@@ -138,7 +182,7 @@ impl IptablesProxier {
             }
         };
         let started = Instant::now();
-        let rendered = render::render(family, plans, settings, &mode);
+        let rendered = render::render(family, plans, settings, &mode, split);
         let render_time = started.elapsed();
 
         let started = Instant::now();
@@ -223,7 +267,8 @@ impl DataPlane for IptablesProxier {
         for family in self.families.clone() {
             let filter = self.dump(family, Table::Filter).await?;
             let nat = self.dump(family, Table::Nat).await?;
-            if let Some(input) = save::cleanup_input(&[(Table::Filter, &filter), (Table::Nat, &nat)]) {
+            let split = self.split(family).await != Split::Never;
+            if let Some(input) = save::cleanup_input(&[(Table::Filter, &filter), (Table::Nat, &nat)], split) {
                 self.restore(family, &input).await?;
             }
         }

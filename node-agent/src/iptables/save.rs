@@ -87,23 +87,50 @@ pub fn kernel_chains(nat: &TableDump, filter: &TableDump) -> KernelChains {
 /// `iptables-restore --noflush` input that removes everything of ours in the given tables: the
 /// jump rules into our chains, then our chains (all flushed first, so that their references to
 /// each other are gone before any is deleted). `None` when there is nothing to remove.
-pub fn cleanup_input(tables: &[(Table, &TableDump)]) -> Option<String> {
+///
+/// `split` (the nf_tables backend): per table, three transactions (jump rules, flushes, deletions)
+/// instead of one, each naming its chains in descending order. iptables-nft walks a sorted list of
+/// the chains a transaction names for every command, from the smallest: so each walk stops at once,
+/// where one transaction that flushes and then deletes every chain walks all of them per deletion.
+pub fn cleanup_input(tables: &[(Table, &TableDump)], split: bool) -> Option<String> {
     let mut out = String::new();
     for (table, dump) in tables {
         if dump.is_empty() {
             continue;
         }
-        let _ = writeln!(out, "*{}", table.as_str());
-        for chain in &dump.chains {
-            let _ = writeln!(out, ":{chain} - [0:0]");
+        let table = table.as_str();
+        if !split {
+            let _ = writeln!(out, "*{table}");
+            for chain in &dump.chains {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            for jump in &dump.jumps {
+                let _ = writeln!(out, "-D {}", jump.trim_start_matches("-A "));
+            }
+            for chain in &dump.chains {
+                let _ = writeln!(out, "-X {chain}");
+            }
+            out.push_str("COMMIT\n");
+            continue;
         }
-        for jump in &dump.jumps {
-            let _ = writeln!(out, "-D {}", jump.trim_start_matches("-A "));
+        if !dump.jumps.is_empty() {
+            let _ = writeln!(out, "*{table}");
+            for jump in &dump.jumps {
+                let _ = writeln!(out, "-D {}", jump.trim_start_matches("-A "));
+            }
+            out.push_str("COMMIT\n");
         }
-        for chain in &dump.chains {
-            let _ = writeln!(out, "-X {chain}");
+        if !dump.chains.is_empty() {
+            let _ = writeln!(out, "*{table}");
+            for chain in dump.chains.iter().rev() {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            let _ = writeln!(out, "COMMIT\n*{table}");
+            for chain in dump.chains.iter().rev() {
+                let _ = writeln!(out, "-X {chain}");
+            }
+            out.push_str("COMMIT\n");
         }
-        out.push_str("COMMIT\n");
     }
     (!out.is_empty()).then_some(out)
 }
@@ -154,8 +181,8 @@ COMMIT
     fn cleanup_removes_jumps_then_chains() {
         let nat = parse_table(DUMP, Table::Nat);
         let filter = parse_table(DUMP, Table::Filter);
-        let input =
-            cleanup_input(&[(Table::Filter, &filter), (Table::Nat, &nat)]).expect("something to clean");
+        let tables = [(Table::Filter, &filter), (Table::Nat, &nat)];
+        let input = cleanup_input(&tables, false).expect("something to clean");
         assert_eq!(
             input,
             "*filter\n:FP-FORWARD - [0:0]\n-D INPUT -j FP-FORWARD\n-X FP-FORWARD\nCOMMIT\n\
@@ -163,6 +190,17 @@ COMMIT
              -D PREROUTING -m comment --comment \"fleetproxy service portals\" -j FP-SERVICES\n\
              -X FP-SERVICES\n-X FP-SVC-ABC\nCOMMIT\n"
         );
-        assert_eq!(cleanup_input(&[(Table::Nat, &TableDump::default())]), None);
+        let input = cleanup_input(&tables, true).expect("something to clean");
+        assert_eq!(
+            input,
+            "*filter\n-D INPUT -j FP-FORWARD\nCOMMIT\n\
+             *filter\n:FP-FORWARD - [0:0]\nCOMMIT\n*filter\n-X FP-FORWARD\nCOMMIT\n\
+             *nat\n-D PREROUTING -m comment --comment \"fleetproxy service portals\" -j FP-SERVICES\nCOMMIT\n\
+             *nat\n:FP-SVC-ABC - [0:0]\n:FP-SERVICES - [0:0]\nCOMMIT\n\
+             *nat\n-X FP-SVC-ABC\n-X FP-SERVICES\nCOMMIT\n"
+        );
+        for split in [false, true] {
+            assert_eq!(cleanup_input(&[(Table::Nat, &TableDump::default())], split), None);
+        }
     }
 }
