@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use fleetproxy_api::ProxyMode;
 
-pub use self::render::{KernelObjects, RenderedState, Rendering, TABLE, render_full, render_partial};
+pub use self::render::{
+    KernelObjects, RenderedState, Rendering, SERVICES_PER_TRANSACTION, TABLE, render_full, render_partial,
+};
 use crate::{
     dataplane::{Changes, DataPlane, DataPlaneError, SyncStats},
     exec::Runner,
@@ -23,6 +25,10 @@ use crate::{
 };
 
 const NFT: &str = "nft";
+
+/// The size of one `nft -f` run: a small sync stays one transaction, a large full sync is cut where
+/// the renderer allows (see [`render_full`]) to bound `nft`'s memory.
+const LINES_PER_TRANSACTION: usize = 20_000;
 
 /// The nftables backend.
 #[derive(Debug, Default)]
@@ -67,10 +73,11 @@ impl NftablesProxier {
     }
 
     /// The families our table exists in now.
-    async fn our_tables(&self) -> Result<Vec<String>, DataPlaneError> {
-        let json = self.runner.run(NFT, &["-j", "list", "tables"], None).await?;
-        readback::our_tables(&json)
-            .map_err(|message| DataPlaneError::ReadBack { what: "nftables tables".into(), message })
+    async fn our_tables(&self) -> Result<Vec<&'static str>, DataPlaneError> {
+        let netns = self.runner.netns().map(str::to_owned);
+        tokio::task::spawn_blocking(move || count::our_tables(netns.as_deref())).await.map_err(|e| {
+            DataPlaneError::ReadBack { what: "nftables tables".into(), message: e.to_string() }
+        })?
     }
 
     /// The names of our chains, sets and maps in the kernel, per family. Listing declarations
@@ -92,11 +99,11 @@ impl DataPlane for NftablesProxier {
     }
 
     async fn probe(&self) -> Result<(), DataPlaneError> {
-        self.runner
-            .run(NFT, &["list", "tables"], None)
-            .await
-            .map(drop)
-            .map_err(|e| DataPlaneError::Unsupported { mode: ProxyMode::Nftables, reason: e.to_string() })
+        // The tool, then the kernel's nf_tables (over netlink: `nft list tables` would fetch every
+        // rule of every table first).
+        let unsupported = |reason: String| DataPlaneError::Unsupported { mode: ProxyMode::Nftables, reason };
+        self.runner.run(NFT, &["--version"], None).await.map_err(|e| unsupported(e.to_string()))?;
+        self.our_tables().await.map(drop).map_err(|e| unsupported(e.to_string()))
     }
 
     async fn sync(
@@ -118,10 +125,9 @@ impl DataPlane for NftablesProxier {
         let render = started.elapsed();
 
         let started = Instant::now();
-        if !rendering.is_empty() {
-            let applied = self.runner.run(NFT, &["-f", "-"], Some(rendering.script.as_bytes())).await;
+        for transaction in rendering.transactions(LINES_PER_TRANSACTION) {
             // A refused transaction leaves `applied` empty: the next sync is a full one.
-            applied?;
+            self.runner.run(NFT, &["-f", "-"], Some(transaction.as_bytes())).await?;
         }
         let apply = started.elapsed();
         self.applied = Some(rendering.state);
@@ -130,8 +136,18 @@ impl DataPlane for NftablesProxier {
 
     async fn rule_count(&self) -> Result<u64, DataPlaneError> {
         let netns = self.runner.netns().map(str::to_owned);
-        tokio::task::spawn_blocking(move || count::count_rules(netns.as_deref())).await.map_err(|e| {
-            DataPlaneError::ReadBack { what: format!("table {TABLE}"), message: e.to_string() }
+        let (done, counted) = tokio::sync::oneshot::channel();
+        // A thread of its own at the lowest priority: dumping 100,000 rules takes the kernel a
+        // CPU-second at 10,000 services, and syncs must not wait behind it.
+        std::thread::spawn(move || {
+            if let Err(error) = rustix::process::setpriority_process(None, 19) {
+                tracing::debug!(%error, "cannot lower the read-back thread's priority");
+            }
+            let _ = done.send(count::count_rules(netns.as_deref()));
+        });
+        counted.await.map_err(|e| DataPlaneError::ReadBack {
+            what: format!("table {TABLE}"),
+            message: e.to_string(),
         })?
     }
 

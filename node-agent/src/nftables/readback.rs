@@ -1,5 +1,6 @@
-//! Reading our tables back from `nft -j` (JSON) output: which tables and objects exist, for a full
-//! sync to delete what it no longer wants. (The rule count comes over netlink: [`super::count`].)
+//! Reading our objects back from `nft -j -t` (JSON) listings of chains, sets and maps: which exist,
+//! for a full sync to delete what it no longer wants. (Tables and the rule count come over netlink:
+//! [`super::count`].)
 
 use serde_json::Value;
 
@@ -12,16 +13,6 @@ fn objects(json: &str) -> Result<Vec<Value>, String> {
         Some(Value::Array(items)) => Ok(items),
         _ => Err("nft JSON output has no \"nftables\" array".to_owned()),
     }
-}
-
-/// The families (`ip`, `ip6`) in which our table exists, from `nft -j list tables`.
-pub fn our_tables(json: &str) -> Result<Vec<String>, String> {
-    Ok(objects(json)?
-        .iter()
-        .filter_map(|o| o.get("table"))
-        .filter(|t| t.get("name").and_then(Value::as_str) == Some(TABLE))
-        .filter_map(|t| t.get("family").and_then(Value::as_str).map(str::to_owned))
-        .collect())
 }
 
 /// The names of our chains, sets and maps in both families, from `nft -j` listings of chains,
@@ -84,15 +75,5 @@ mod tests {
         assert_eq!(k.v6.chains.iter().collect::<Vec<_>>(), ["services6"]);
         assert!(k.v4.sets.contains("affinity-X") && k.v4.sets.contains("excluded-cidrs"));
         assert!(k.v4.maps.contains("service-ips") && k.v4.maps.contains("firewall-ips"));
-    }
-
-    #[test]
-    fn finds_our_tables_only() {
-        let json = r#"{"nftables": [{"metainfo": {}},
-            {"table": {"family": "ip", "name": "fleetproxy"}},
-            {"table": {"family": "inet", "name": "filter"}},
-            {"table": {"family": "ip6", "name": "fleetproxy"}}]}"#;
-        assert_eq!(our_tables(json).expect("parses"), vec!["ip", "ip6"]);
-        assert!(our_tables("not json").is_err());
     }
 }

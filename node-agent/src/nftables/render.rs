@@ -240,11 +240,37 @@ pub struct Rendering {
     pub script: String,
     /// Lines in the script (the payload size reported in sync stats).
     pub lines: usize,
+    /// Where the script may be cut into separate transactions: (byte offset, lines before it), in
+    /// order. Empty: one transaction.
+    pub cuts: Vec<(usize, usize)>,
     pub state: RenderedState,
     pub full: bool,
 }
 
 impl Rendering {
+    /// The script as transactions of about `max_lines` lines each: consecutive pieces between cuts
+    /// are joined while they stay within the limit (a piece longer than it stays whole).
+    pub fn transactions(&self, max_lines: usize) -> Vec<&str> {
+        let text = self.script.as_str();
+        let mut out = Vec::new();
+        let mut start = (0, 0);
+        let mut last = (0, 0);
+        for &(at, lines) in self.cuts.iter().chain([(text.len(), self.lines)].iter()) {
+            if at <= start.0 {
+                continue;
+            }
+            if lines - start.1 > max_lines && last.0 > start.0 {
+                out.push(&text[start.0..last.0]);
+                start = last;
+            }
+            last = (at, lines);
+        }
+        if start.0 < text.len() {
+            out.push(&text[start.0..]);
+        }
+        out
+    }
+
     /// Whether there is nothing to send to the kernel.
     pub fn is_empty(&self) -> bool {
         self.script.is_empty()
@@ -256,9 +282,17 @@ impl Rendering {
 struct Script {
     text: String,
     lines: usize,
+    cuts: Vec<(usize, usize)>,
 }
 
 impl Script {
+    /// The end of a transaction of its own (after which the table works).
+    fn cut(&mut self) {
+        if self.cuts.last().is_none_or(|(at, _)| *at < self.text.len()) {
+            self.cuts.push((self.text.len(), self.lines));
+        }
+    }
+
     fn line(&mut self, line: impl Display) {
         use fmt::Write as _;
         // Writing to a String cannot fail.
@@ -568,88 +602,108 @@ fn render_services(
         .collect()
 }
 
-/// Rewrites both tables in one transaction. `existing` names what the kernel holds now, so that
-/// objects no longer wanted are deleted; everything else is redeclared, flushed and refilled.
-/// Affinity sets that are still wanted keep their clients.
+/// How many service ports' chains one transaction of a full sync carries at most (see
+/// [`render_full`]). `nft` holds the whole transaction in memory: at 10,000 service ports of 10
+/// endpoints one transaction took 440 MiB; batches of 1,000 keep it near 75 MiB, most of that its
+/// cache of the table.
+pub const SERVICES_PER_TRANSACTION: usize = 1000;
+
+/// How many elements of a new set or map one transaction of a full sync carries at most.
+const ELEMENTS_PER_TRANSACTION: usize = 10_000;
+
+/// Rewrites both tables. `existing` names what the kernel holds now, so that objects no longer
+/// wanted are deleted; everything else is redeclared, flushed and refilled. Affinity sets that are
+/// still wanted keep their clients.
+///
+/// The script is cut into transactions ([`Rendering::transactions`]) that each leave a working
+/// table: first the table, its sets and maps and the static chains; then the service ports' chains,
+/// [`SERVICES_PER_TRANSACTION`] at a time, each chain flushed and refilled in one transaction (a
+/// new chain is unreachable until the maps point at it); last, the maps and sets are flushed and
+/// refilled together and what is no longer wanted is deleted. The table is never flushed as a
+/// whole, so no packet meets an empty chain of a live service between two transactions.
 ///
 /// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order.
 pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
     let services = render_services(plans, settings, None);
+    let of_family = |family: Family| -> Vec<&ServiceRules> {
+        services.iter().filter(|((f, _), _)| *f == family.0).map(|(_, r)| r).collect()
+    };
     let mut script = Script::default();
+
+    // The table, its sets, maps and static chains.
     for family in Family::BOTH {
         let ip = family.kw();
-        let of_family: Vec<&ServiceRules> =
-            services.iter().filter(|((f, _), _)| *f == family.0).map(|(_, r)| r).collect();
-
+        let existing = existing.get(family.0);
         script
             .line(format_args!("add table {ip} {TABLE} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
-        script.line(format_args!("flush table {ip} {TABLE}"));
-
         script.line(format_args!(
             "add set {ip} {TABLE} {EXCLUDED} {{ type {}; flags interval; }}",
             family.addr_type()
         ));
-        script.line(format_args!("flush set {ip} {TABLE} {EXCLUDED}"));
-        let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
-        if !excluded.is_empty() {
-            script.line(format_args!("add element {ip} {TABLE} {EXCLUDED} {}", set_literal(&excluded)));
-        }
         script.line(format_args!("add set {ip} {TABLE} {HAIRPIN} {{ type {}; }}", family.hairpin_type()));
-        script.line(format_args!("flush set {ip} {TABLE} {HAIRPIN}"));
-        let hairpin: BTreeSet<&String> = of_family.iter().flat_map(|r| &r.hairpin).collect();
-        script.set_elements("add", family, HAIRPIN, &hairpin);
         for map in VerdictMap::ALL {
             script.line(format_args!(
                 "add map {ip} {TABLE} {} {{ type {} : verdict; }}",
                 map.name(),
                 map.key_type(family)
             ));
-            script.line(format_args!("flush map {ip} {TABLE} {}", map.name()));
         }
-        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED, HAIRPIN]);
-        for rules in &of_family {
-            for (name, declaration) in &rules.sets {
-                script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
-                wanted_sets.insert(name);
-            }
-        }
-
-        // Declare every chain before any rule jumps to one. Chains that exist already survive
-        // `flush table` and are not redeclared: redeclaring thousands of chains costs the kernel
-        // more than the rules themselves. (If `existing` is wrong, the transaction fails, and the
-        // next full sync reads the names from the kernel.) Base chains are always declared.
-        let existing = existing.get(family.0);
         let statics = static_chains(family, settings);
-        let mut wanted_chains: BTreeSet<&str> = BTreeSet::new();
         for chain in &statics {
             match &chain.hook {
                 Some(hook) => script.line(format_args!("add chain {ip} {TABLE} {} {{ {hook} }}", chain.name)),
                 None if existing.chains.contains(chain.name) => {}
                 None => script.line(format_args!("add chain {ip} {TABLE} {}", chain.name)),
             }
-            wanted_chains.insert(chain.name);
-        }
-        for rules in &of_family {
-            for name in rules.chains.keys() {
-                if !existing.chains.contains(name) {
-                    script.line(format_args!("add chain {ip} {TABLE} {name}"));
-                }
-                wanted_chains.insert(name);
-            }
         }
         for chain in &statics {
+            if existing.chains.contains(chain.name) {
+                script.line(format_args!("flush chain {ip} {TABLE} {}", chain.name));
+            }
             for rule in &chain.rules {
                 script.line(format_args!("add rule {ip} {TABLE} {} {rule}", chain.name));
             }
         }
-        for rules in &of_family {
-            for (name, chain) in &rules.chains {
-                for rule in chain {
-                    script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
+    }
+    script.cut();
+
+    // The service ports' chains, a batch per transaction. Chains that exist already are flushed,
+    // not redeclared: redeclaring thousands of chains costs the kernel more than their rules. (If
+    // `existing` is wrong, the transaction fails, and the next full sync reads the names from the
+    // kernel.)
+    for family in Family::BOTH {
+        let ip = family.kw();
+        let existing = existing.get(family.0);
+        for batch in of_family(family).chunks(SERVICES_PER_TRANSACTION) {
+            for rules in batch {
+                for (name, declaration) in &rules.sets {
+                    script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
+                }
+                for name in rules.chains.keys() {
+                    if existing.chains.contains(name) {
+                        script.line(format_args!("flush chain {ip} {TABLE} {name}"));
+                    } else {
+                        script.line(format_args!("add chain {ip} {TABLE} {name}"));
+                    }
+                }
+                for (name, chain) in &rules.chains {
+                    for rule in chain {
+                        script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
+                    }
                 }
             }
+            script.cut();
         }
+    }
 
+    // Maps and sets: refilled at once where they exist (so that no lookup misses in between), in
+    // batches where they are new (a service is reachable once its element is in).
+    for family in Family::BOTH {
+        let ip = family.kw();
+        let of_family = of_family(family);
+        let existing = existing.get(family.0);
+        let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
+        let hairpin: BTreeSet<&String> = of_family.iter().flat_map(|r| &r.hairpin).collect();
         // Elements, first claim wins.
         let mut maps: BTreeMap<VerdictMap, BTreeMap<&str, &str>> = BTreeMap::new();
         for rules in &of_family {
@@ -657,14 +711,45 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
                 maps.entry(*map).or_default().entry(key.as_str()).or_insert(verdict.as_str());
             }
         }
-        for (map, elements) in maps {
-            let elements: Vec<String> = elements.into_iter().map(|(k, v)| format!("{k} : {v}")).collect();
-            script.elements("add", family, map, &elements);
+        let mut fill = |kind: &str, name: &str, known: &BTreeSet<String>, elements: Vec<String>| {
+            if known.contains(name) {
+                script.line(format_args!("flush {kind} {ip} {TABLE} {name}"));
+                script.set_elements("add", family, name, &elements);
+            } else {
+                for batch in elements.chunks(ELEMENTS_PER_TRANSACTION) {
+                    script.set_elements("add", family, name, batch);
+                    script.cut();
+                }
+            }
+        };
+        fill("set", EXCLUDED, &existing.sets, excluded.iter().map(ToString::to_string).collect());
+        fill("set", HAIRPIN, &existing.sets, hairpin.iter().map(ToString::to_string).collect());
+        for map in VerdictMap::ALL {
+            let elements = maps.get(&map).into_iter().flatten().map(|(k, v)| format!("{k} : {v}")).collect();
+            fill("map", map.name(), &existing.maps, elements);
         }
+    }
+    script.cut();
 
-        // What the kernel holds and we no longer want. `flush table` emptied every chain and the
-        // maps were flushed, so nothing refers to these any more.
-        for chain in existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())) {
+    for family in Family::BOTH {
+        let ip = family.kw();
+        let of_family = of_family(family);
+        let existing = existing.get(family.0);
+        // What the kernel holds and we no longer want: the maps no longer point at these chains;
+        // they are flushed first, since they may jump to each other.
+        let mut wanted_chains: BTreeSet<&str> =
+            static_chains(family, settings).iter().map(|c| c.name).collect();
+        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED, HAIRPIN]);
+        for rules in &of_family {
+            wanted_chains.extend(rules.chains.keys().map(String::as_str));
+            wanted_sets.extend(rules.sets.keys().map(String::as_str));
+        }
+        let stale_chains: Vec<&String> =
+            existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())).collect();
+        for chain in &stale_chains {
+            script.line(format_args!("flush chain {ip} {TABLE} {chain}"));
+        }
+        for chain in &stale_chains {
             script.line(format_args!("delete chain {ip} {TABLE} {chain}"));
         }
         for set in existing.sets.iter().filter(|s| !wanted_sets.contains(s.as_str())) {
@@ -675,9 +760,11 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             script.line(format_args!("delete map {ip} {TABLE} {map}"));
         }
     }
+    script.cut();
     Rendering {
-        script: script.text,
         lines: script.lines,
+        cuts: script.cuts,
+        script: script.text,
         state: RenderedState { settings: settings.clone(), services },
         full: true,
     }
@@ -799,5 +886,5 @@ pub fn render_partial(
         }
     }
     state.services.extend(fresh);
-    Rendering { script: script.text, lines: script.lines, state, full: false }
+    Rendering { script: script.text, lines: script.lines, cuts: Vec::new(), state, full: false }
 }
