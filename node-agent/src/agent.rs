@@ -52,7 +52,7 @@ use crate::{
     health::Health,
     metrics::{Metrics, mode_label},
     node::NodeInfo,
-    policy,
+    policy::PlanCache,
     proxynode::{self, Readiness, Report, reasons},
     serve::{self, Endpoints, ModeCell, ServeState},
     settings::{self, AgentSettings},
@@ -116,6 +116,7 @@ pub async fn run(args: Args) -> Result<(), AgentError> {
         node: NodeInfo { eligible: true, ..NodeInfo::default() },
         proxynode: None,
         last_inputs: None,
+        plans: PlanCache::default(),
         active: None,
         stale_modes: ProxyMode::ALL.into_iter().collect(),
         capabilities,
@@ -265,6 +266,8 @@ struct Agent {
     last_inputs: Option<(Result<AgentSettings, String>, Option<i64>)>,
 
     // The data plane.
+    /// The plans of the last sync, replanned per changed service port.
+    plans: PlanCache,
     active: Option<Active>,
     /// Modes whose objects may still be in the kernel from an earlier run; removed after the first
     /// successful sync of the active mode.
@@ -613,8 +616,8 @@ impl Agent {
         let mut next = Backend::new(target.mode, self.runner.clone());
         next.set_ipvs_scheduler(target.ipvs_scheduler);
         next.probe().await.map_err(|err| Failure::Unsupported(err.to_string()))?;
-        let plans = policy::plan(self.tracker.model(), &target.node);
-        let stats = match next.sync(&plans, &target.node, &Changes::Full).await {
+        let plans = self.plans.update(self.tracker.model(), &target.node, None);
+        let stats = match next.sync(plans, &target.node, &Changes::Full).await {
             Ok(stats) => stats,
             Err(err) => {
                 if self.active.is_some() {
@@ -668,13 +671,20 @@ impl Agent {
                 return Err(Failure::Unsupported(err.to_string()));
             }
         }
-        let plans = policy::plan(self.tracker.model(), &settings.node);
-        let stats = active.backend.sync(&plans, &settings.node, changes).await.map_err(Failure::Sync)?;
+        let planning = Instant::now();
+        let changed = match changes {
+            Changes::Full => None,
+            Changes::Services(changed) => Some(changed),
+        };
+        let plans = self.plans.update(self.tracker.model(), &settings.node, changed);
+        let plan_ms = planning.elapsed().as_millis() as u64;
+        let stats = active.backend.sync(plans, &settings.node, changes).await.map_err(Failure::Sync)?;
         active.settings = settings.clone();
         debug!(
             mode = %active.backend.mode(),
             full = stats.full,
             plans = plans.len(),
+            plan_ms,
             render_ms = stats.render.as_millis() as u64,
             apply_ms = stats.apply.as_millis() as u64,
             payload = stats.payload_size,

@@ -1,7 +1,7 @@
 //! The traffic-policy layer: computed once per sync from the model and shared by every backend, so
 //! that iptables, nftables and IPVS make the same choices.
 
-use std::{net::IpAddr, time::Duration};
+use std::{collections::BTreeSet, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
 
@@ -101,6 +101,41 @@ pub struct NodeSettings {
 /// modes make the same choices.
 pub fn plan(model: &ProxyModel, settings: &NodeSettings) -> Vec<ServicePlan> {
     model.services.keys().flat_map(|name| plan_service(model, name, settings)).collect()
+}
+
+/// The last plans, kept between syncs so that a partial sync replans only its changed service
+/// ports: replanning 10,000 services costs ~50 ms, more than the rest of a partial sync but the
+/// kernel's own work.
+#[derive(Clone, Debug, Default)]
+pub struct PlanCache {
+    plans: Vec<ServicePlan>,
+    /// The settings the plans were made with; `None`: nothing planned yet.
+    settings: Option<NodeSettings>,
+}
+
+impl PlanCache {
+    /// The plans of `model` under `settings`: all replanned, or only `changed` when the cache holds
+    /// plans of the same settings (the caller names every service port whose model changed, as it
+    /// does for a partial sync). In [`plan`]'s order either way.
+    pub fn update(
+        &mut self,
+        model: &ProxyModel,
+        settings: &NodeSettings,
+        changed: Option<&BTreeSet<ServicePortName>>,
+    ) -> &[ServicePlan] {
+        match changed {
+            Some(changed) if self.settings.as_ref() == Some(settings) => {
+                self.plans.retain(|p| !changed.contains(&p.name));
+                self.plans.extend(changed.iter().flat_map(|name| plan_service(model, name, settings)));
+                self.plans.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
+            }
+            _ => {
+                self.plans = plan(model, settings);
+                self.settings = Some(settings.clone());
+            }
+        }
+        &self.plans
+    }
 }
 
 /// Plans one service port (none, one or two plans: one per address family), for partial syncs.

@@ -290,3 +290,31 @@ fn plans_are_sorted_and_per_service_plans_agree() {
     assert_eq!(plans[1].protocol, Protocol::Tcp);
     assert_eq!(plans[1].port, 80);
 }
+
+#[test]
+fn the_plan_cache_replans_only_what_changed_and_agrees_with_planning_all() {
+    let mut m = model(port(), vec![e(1, "rs", &[])], None);
+    let other = ServicePortName { name: "a-first".into(), ..name() };
+    m.services.insert(other.clone(), port());
+    let settings = NodeSettings::default();
+    let mut cache = PlanCache::default();
+    assert_eq!(cache.update(&m, &settings, Some(&BTreeSet::new())), plan(&m, &settings), "first: all");
+
+    // A change the cache is told about, one it is not (a stale plan stays), a removal.
+    m.endpoints.insert(name(), vec![e(1, "rs", &[]), e(2, "rs", &[])]);
+    m.services.get_mut(&other).expect("other").port = 81;
+    let changed = BTreeSet::from([name()]);
+    let plans = cache.update(&m, &settings, Some(&changed)).to_vec();
+    assert_eq!(octets(&plans[1].cluster_targets), [1, 2]);
+    assert_eq!(plans[0].port, 80, "not named as changed: not replanned");
+    m.services.remove(&other);
+    let gone = BTreeSet::from([other]);
+    assert_eq!(cache.update(&m, &settings, Some(&gone)), plan(&m, &settings));
+
+    // Other settings, or no change set: everything is replanned.
+    let masquerade_all = NodeSettings { masquerade_all: true, ..NodeSettings::default() };
+    m.services.get_mut(&name()).expect("svc").port = 82;
+    assert_eq!(cache.update(&m, &masquerade_all, Some(&BTreeSet::new())), plan(&m, &masquerade_all));
+    m.services.get_mut(&name()).expect("svc").port = 83;
+    assert_eq!(cache.update(&m, &masquerade_all, None), plan(&m, &masquerade_all));
+}
