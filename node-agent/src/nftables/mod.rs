@@ -28,7 +28,7 @@ const NFT: &str = "nft";
 
 /// The size of one `nft -f` run: a small sync stays one transaction, a large full sync is cut where
 /// the renderer allows (see [`render_full`]) to bound `nft`'s memory.
-const LINES_PER_TRANSACTION: usize = 20_000;
+const LINES_PER_TRANSACTION: usize = 8_000;
 
 /// The nftables backend.
 #[derive(Debug, Default)]

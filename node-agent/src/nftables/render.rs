@@ -603,13 +603,13 @@ fn render_services(
 }
 
 /// How many service ports' chains one transaction of a full sync carries at most (see
-/// [`render_full`]). `nft` holds the whole transaction in memory: at 10,000 service ports of 10
-/// endpoints one transaction took 440 MiB; batches of 1,000 keep it near 75 MiB, most of that its
-/// cache of the table.
-pub const SERVICES_PER_TRANSACTION: usize = 1000;
+/// [`render_full`]). `nft` holds the whole transaction in memory, about 4 KiB per line: at 10,000
+/// service ports of 10 endpoints one transaction took 440 MiB; batches of 400 (~7,000 lines)
+/// keep it under 30 MiB, for a few more transactions (each costs `nft` a start and a cache fetch).
+pub const SERVICES_PER_TRANSACTION: usize = 400;
 
 /// How many elements of a new set or map one transaction of a full sync carries at most.
-const ELEMENTS_PER_TRANSACTION: usize = 10_000;
+const ELEMENTS_PER_TRANSACTION: usize = 4000;
 
 /// Rewrites both tables. `existing` names what the kernel holds now, so that objects no longer
 /// wanted are deleted; everything else is redeclared, flushed and refilled. Affinity sets that are
