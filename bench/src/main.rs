@@ -2,6 +2,7 @@
 //! network namespace, against the same real API server (issue 7). Not part of the test suite; see
 //! docs/benchmarks.md for what it measures and how.
 
+mod cold;
 mod load;
 mod netlink;
 mod proxy;
@@ -24,8 +25,9 @@ use kube::{
 };
 
 use crate::{
+    cold::{Cold, Judge, NetlinkView, Step},
     load::{Model, NAMESPACE, Point},
-    netlink::{Source, Tracker},
+    netlink::{ColdStart, Source, Tracker, lock},
     proxy::{Mode, Running, Setup, Variant},
     report::{Latency, RunResult},
 };
@@ -66,7 +68,8 @@ struct Args {
     /// (kernel dumps, as the cold start).
     #[arg(long, default_value = "netlink")]
     detect: Detect,
-    /// Give up on a cold start after this long.
+    /// Give up on a cold start after this long: the run is recorded as timed out (no latency
+    /// phase) and the benchmark goes on.
     #[arg(long, default_value_t = 900)]
     cold_timeout_s: u64,
     /// Results: runs.csv, latencies.csv, summary.csv, table.md, bench.png, logs/.
@@ -199,7 +202,7 @@ async fn main() -> Result<()> {
     load::prepare(&client, proxy::NODE_NAME, proxy::NODE_IP).await?;
     load::wipe(&client).await?;
     let mut model = Model::default();
-    let mut results = report::Results::create(&out)?;
+    let mut results = report::Results::create(&out, args.cold_timeout_s)?;
     let per_run = args.changes.div_ceil(args.repeats.max(1));
     let mut seed = 0usize;
     for &point in &args.points {
@@ -242,64 +245,156 @@ async fn run_one(
     tag: &str,
 ) -> Result<(RunResult, Vec<Latency>)> {
     let expected = model.expected();
-    let mut running = Running::start(setup, mode, variant, tag)?;
-
-    // Cold start: until every ClusterIP and every endpoint of the load is in the kernel.
-    let deadline = running.started + Duration::from_secs(args.cold_timeout_s);
-    let (cold, poll, cpu_cold) = loop {
-        running.check_alive()?;
-        let t = Instant::now();
-        let dump = running.poll_dump()?;
-        let end = Instant::now();
-        let present = proxy::count_present(&dump, &expected);
-        if present == expected.len() {
-            break ((end - running.started).as_secs_f64(), (end - t).as_secs_f64(), running.cpu_seconds());
-        }
-        if end > deadline {
-            bail!(
-                "cold start: {present} of {} addresses in the kernel after {}s",
-                expected.len(),
-                args.cold_timeout_s
-            );
-        }
-        std::thread::sleep(gap(end - t, args.poll_gap));
+    let netns = proxy::node_netns("node")?;
+    // Subscribed before the proxy exists: its first commit is announced to us.
+    let cold = Arc::new(Mutex::new(ColdStart::new(&expected)));
+    let listener = netlink::Listener::for_cold_start(netns.name(), Arc::clone(&cold))?;
+    let mut running = Running::start(netns, setup, mode, variant, tag)?;
+    lock(&cold).set_pid(running.pid());
+    let outcome = cold_start(&mut running, &expected, &cold, args)?;
+    drop(listener);
+    let (netlink_end, cold_overruns, netlink_missing) = {
+        let l = lock(&cold);
+        (l.complete_at, l.overruns, l.missing())
     };
-    let dump = running.full_dump()?;
-    let lines = proxy::ruleset_entries(&dump);
-
-    let phase = latency_phase(client, &mut running, model, changes, args, seed).await?;
-    let (syncs, sync_seconds) = running.sync_metrics().unwrap_or((f64::NAN, f64::NAN));
-    let cpu_total = running.cpu_seconds();
-    let rss = running.peak_rss();
-    running.stop()?;
-    let floor = proxy::kernel_floor(mode, &dump, &setup.logs, tag)?;
-    let run = RunResult {
+    let since_start = |t: Instant| t.saturating_duration_since(running.started).as_secs_f64();
+    let mut run = RunResult {
         point,
         mode,
         variant,
         repeat,
-        cold_s: cold,
-        poll_s: poll,
-        floor_s: floor,
-        cpu_cold_s: cpu_cold,
-        cpu_total_s: cpu_total,
-        rss_mib: rss as f64 / (1024.0 * 1024.0),
-        lines,
-        bytes: dump.iter().map(String::len).sum(),
-        syncs,
-        sync_mean_ms: sync_seconds / syncs * 1000.0,
+        cold_s: None,
+        cold_fallback: None,
+        cold_netlink_s: netlink_end.map(since_start),
+        cold_poll_s: None,
+        poll_s: None,
+        cold_overruns,
+        floor_s: None,
+        cpu_cold_s: None,
+        cpu_total_s: f64::NAN,
+        rss_mib: f64::NAN,
+        lines: None,
+        bytes: None,
+        syncs: f64::NAN,
+        sync_mean_ms: f64::NAN,
         detect: args.detect,
-        changes: phase.done.len() + phase.lost,
-        by_dump: phase.done.iter().filter(|(_, source)| *source == Source::Dump).count(),
-        overruns: phase.overruns,
-        lost: phase.lost,
+        changes: 0,
+        by_dump: 0,
+        overruns: 0,
+        lost: 0,
     };
+    let (c, cpu_cold) = match outcome {
+        ColdOutcome::Done(c, cpu) => (c, cpu),
+        ColdOutcome::TimedOut { present } => {
+            eprintln!(
+                "bench:   cold start timed out after {}s: {present} of {} addresses in the last kernel dump, {} not \
+                 announced by netlink; no latency phase",
+                args.cold_timeout_s,
+                expected.len(),
+                netlink_missing
+            );
+            let (syncs, sync_seconds) = running.sync_metrics().unwrap_or((f64::NAN, f64::NAN));
+            run.syncs = syncs;
+            run.sync_mean_ms = sync_seconds / syncs * 1000.0;
+            run.cpu_total_s = running.cpu_seconds();
+            run.rss_mib = running.peak_rss() as f64 / (1024.0 * 1024.0);
+            running.stop()?;
+            return Ok((run, Vec::new()));
+        }
+    };
+    eprintln!(
+        "bench:   cold start by {}: netlink {}, dumps: last incomplete started at {}, first complete ended at \
+         {:.2}s; {} overruns",
+        c.fallback.map_or("netlink".into(), |why| format!("kernel dump ({})", why.name())),
+        c.netlink.map_or("never complete".into(), |t| format!("{:.3}s", since_start(t))),
+        c.before.map_or("-".into(), |t| format!("{:.3}s", since_start(t))),
+        since_start(c.poll),
+        run.cold_overruns
+    );
+    run.cold_s = Some(since_start(c.at));
+    run.cold_fallback = c.fallback;
+    run.cold_poll_s = Some(since_start(c.poll));
+    run.poll_s = Some(c.poll_took.as_secs_f64());
+    run.cpu_cold_s = Some(cpu_cold);
+    let dump = running.full_dump()?;
+    run.lines = Some(proxy::ruleset_entries(&dump));
+    run.bytes = Some(dump.iter().map(String::len).sum());
+
+    let phase = latency_phase(client, &mut running, model, changes, args, seed).await?;
+    let (syncs, sync_seconds) = running.sync_metrics().unwrap_or((f64::NAN, f64::NAN));
+    run.syncs = syncs;
+    run.sync_mean_ms = sync_seconds / syncs * 1000.0;
+    run.cpu_total_s = running.cpu_seconds();
+    run.rss_mib = running.peak_rss() as f64 / (1024.0 * 1024.0);
+    running.stop()?;
+    run.floor_s = Some(proxy::kernel_floor(mode, &dump, &setup.logs, tag)?);
+    run.changes = phase.done.len() + phase.lost;
+    run.by_dump = phase.done.iter().filter(|(_, source)| *source == Source::Dump).count();
+    run.overruns = phase.overruns;
+    run.lost = phase.lost;
     let lat = phase
         .done
         .into_iter()
         .map(|(ms, source)| Latency { point, mode, variant, repeat, ms, source })
         .collect();
     Ok((run, lat))
+}
+
+/// How a cold start ended.
+enum ColdOutcome {
+    /// With the CPU seconds of the proxy's tree at its end.
+    Done(Cold, f64),
+    /// Not within `--cold-timeout-s`; `present`: addresses in the last dump.
+    TimedOut { present: usize },
+}
+
+/// Waits until every address of `expected` is in the kernel: netlink says when the last one was
+/// announced, kernel dumps polled all along confirm it or, where netlink cannot tell, give the time
+/// themselves (see [`cold`]). A proxy that exits, or a dump that fails, is an error; a proxy that
+/// is not done by `--cold-timeout-s` is a result.
+fn cold_start(
+    running: &mut Running,
+    expected: &std::collections::HashSet<u32>,
+    listener: &Mutex<ColdStart>,
+    args: &Args,
+) -> Result<ColdOutcome> {
+    let mut judge = Judge::new(running.started, running.started + Duration::from_secs(args.cold_timeout_s));
+    let (mut present, mut cpu_at_poll) = (0, f64::NAN);
+    loop {
+        running.check_alive()?;
+        let view = {
+            let l = lock(listener);
+            NetlinkView {
+                complete_at: l.complete_at,
+                usable: l.usable(),
+                overrun: l.overruns > 0,
+                caught_up: l.caught_up,
+            }
+        };
+        match judge.step(&view, Instant::now()) {
+            Step::Wait(d) => std::thread::sleep(d),
+            Step::Dump => {
+                let t = Instant::now();
+                let dump = running.poll_dump()?;
+                let end = Instant::now();
+                present = proxy::count_present(&dump, expected);
+                let complete = present == expected.len();
+                if complete && judge.first_complete().is_none() {
+                    cpu_at_poll = running.cpu_seconds();
+                }
+                let netlink_end = lock(listener).complete_at;
+                judge.dumped(t, end, complete, netlink_end, gap(end - t, args.poll_gap));
+            }
+            Step::Done(c) => {
+                let cpu = match c.fallback {
+                    None => lock(listener).cpu_at_complete.unwrap_or(cpu_at_poll),
+                    Some(_) => cpu_at_poll,
+                };
+                return Ok(ColdOutcome::Done(c, cpu));
+            }
+            Step::TimedOut => return Ok(ColdOutcome::TimedOut { present }),
+        }
+    }
 }
 
 /// What the latency phase saw: each change's latency (ms) and how it was seen, the listener's
@@ -328,9 +423,11 @@ async fn latency_phase(
     let by_dump = args.detect == Detect::Poll;
     // Subscribed before the first change is registered: every change's commit is announced to us.
     let _listener = match args.detect {
-        Detect::Netlink => {
-            Some(netlink::Listener::start(running.netns.name(), Arc::clone(&tracker), load::is_change_ip)?)
-        }
+        Detect::Netlink => Some(netlink::Listener::for_changes(
+            running.netns.name(),
+            Arc::clone(&tracker),
+            load::is_change_ip,
+        )?),
         Detect::Poll => None,
     };
     let mut services = std::mem::take(&mut model.services);
@@ -418,8 +515,4 @@ async fn latency_phase(
 /// The pause after a kernel dump that took `took`.
 fn gap(took: Duration, ratio: f64) -> Duration {
     Duration::from_millis(5).max(took.mul_f64(ratio.max(0.0)))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -1,6 +1,8 @@
-//! Network-programming latency from the kernel's own nftables events: a netlink socket in the
-//! proxy's namespace, subscribed to `NFNLGRP_NFTABLES`, timestamps every datagram as it arrives and
-//! looks for the pending changes' addresses in the rules and set elements the kernel announces.
+//! Network-programming latency and cold start from the kernel's own nftables events: a netlink
+//! socket in the proxy's namespace, subscribed to `NFNLGRP_NFTABLES`, timestamps every datagram as
+//! it arrives and looks for addresses in the rules and set elements the kernel announces: the
+//! pending changes' ([`Tracker`]), or every address of the load during the cold start
+//! ([`ColdStart`]).
 //!
 //! Every commit to nf_tables in a namespace (`nft -f`, and `iptables-restore` with the nf_tables
 //! backend, which is what iptables 1.8.9 is) is broadcast to that namespace's listeners once the
@@ -18,9 +20,20 @@
 //! still overruns it (`ENOBUFS`), every change pending at that moment is resolved by kernel dumps
 //! instead (as `--detect poll` does) and counted as such; so is every change not seen within
 //! [`crate::NETLINK_GRACE`] of the last write. Nothing is dropped silently.
+//!
+//! The cold start looks for the load's own addresses (the ClusterIPs and the endpoints of
+//! 10.128.0.0/9), which are not fresh, so there the scan is stricter: only 4-byte windows at
+//! 4-byte-aligned offsets of the message payload are looked up. Netlink attributes are 4-byte
+//! aligned, an nftables data attribute (`NFTA_DATA_VALUE` of a comparison, an immediate, a set
+//! key or a concatenation, whose fields are padded to 4 bytes each) starts with the address, and
+//! iptables-nft's native `-s`/`-d` matches are such comparisons; its `DNAT` target is an
+//! `xt_target` blob (`NFTA_TARGET_INFO`: `struct nf_nat_ipv4_multi_range_compat`, the address at
+//! offset 8). A false match needs an aligned 4-byte field equal to a missing address; the kernel
+//! dump that confirms every cold start (`crate::cold`) catches an address that never arrives.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{BuildHasherDefault, Hasher},
     os::fd::{AsFd, OwnedFd},
     path::Path,
     sync::{
@@ -99,6 +112,161 @@ pub fn addresses_in(datagram: &[u8], keep: fn(u32) -> bool) -> Vec<u32> {
         }
     }
     out
+}
+
+/// A multiplicative hash for `u32` keys: one multiplication, no allocation (SipHash would cost
+/// more than the rest of the scan).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MulHasher(u64);
+
+const MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Hasher for MulHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(MUL);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(MUL);
+    }
+}
+
+/// /16 prefixes in a bitmap: 65,536 bits.
+const PREFIX_WORDS: usize = (1 << 16) / 64;
+
+/// IPv4 addresses still to be seen, with a bitmap of their /16 prefixes in front of the hash
+/// set: the load lives in a few /16s, so nearly every window of a message is rejected by one bit.
+#[derive(Debug)]
+pub struct AddressSet {
+    set: HashSet<u32, BuildHasherDefault<MulHasher>>,
+    /// Bit `ip >> 16` is set for every address ever inserted (never cleared: a hint only).
+    prefixes: Box<[u64; PREFIX_WORDS]>,
+}
+
+impl AddressSet {
+    pub fn new(addresses: impl IntoIterator<Item = u32>) -> Self {
+        let mut s = Self { set: HashSet::default(), prefixes: Box::new([0; PREFIX_WORDS]) };
+        for ip in addresses {
+            let p = (ip >> 16) as usize;
+            s.prefixes[p / 64] |= 1 << (p % 64);
+            s.set.insert(ip);
+        }
+        s
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Removes every address held as 4 big-endian bytes at an offset of `bytes` that is a multiple
+    /// of 4; how many were removed.
+    pub fn remove_aligned(&mut self, bytes: &[u8]) -> usize {
+        let before = self.set.len();
+        if before == 0 {
+            return 0;
+        }
+        for chunk in bytes.chunks_exact(4) {
+            let ip = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let p = (ip >> 16) as usize;
+            if self.prefixes[p / 64] & (1 << (p % 64)) != 0 {
+                self.set.remove(&ip);
+            }
+        }
+        before - self.set.len()
+    }
+
+    /// Removes what the new rules, sets and set elements of one datagram hold (payloads after
+    /// the `nfgenmsg`, which starts 4-byte aligned like every message); how many were removed.
+    pub fn remove_announced(&mut self, datagram: &[u8]) -> usize {
+        let mut removed = 0;
+        for (msg_type, payload) in messages(datagram) {
+            if announces_addresses(msg_type) && payload.len() > NFGENMSG_LEN {
+                removed += self.remove_aligned(&payload[NFGENMSG_LEN..]);
+            }
+        }
+        removed
+    }
+}
+
+/// The cold start as the listener sees it: which of the load's addresses the kernel has not
+/// announced yet, and when the last one arrived.
+#[derive(Debug)]
+pub struct ColdStart {
+    missing: AddressSet,
+    /// Arrival of the datagram after which no address was missing.
+    pub complete_at: Option<Instant>,
+    /// CPU seconds of the proxy's process tree at that moment (see [`ColdStart::set_pid`]).
+    pub cpu_at_complete: Option<f64>,
+    /// ENOBUFS or truncated datagrams before the cold start was complete: events may be lost.
+    pub overruns: usize,
+    /// Every datagram still to come arrives after this instant (the latest datagram handled, or the
+    /// start of a `recv` that found nothing queued).
+    pub caught_up: Option<Instant>,
+    /// Why the listener stopped, if it did.
+    pub failed: Option<String>,
+    pid: Option<u32>,
+}
+
+impl ColdStart {
+    pub fn new(expected: &HashSet<u32>) -> Self {
+        Self {
+            missing: AddressSet::new(expected.iter().copied()),
+            complete_at: None,
+            cpu_at_complete: None,
+            overruns: 0,
+            caught_up: None,
+            failed: None,
+            pid: None,
+        }
+    }
+
+    /// The proxy's pid, once spawned: its process tree's CPU time is read when the last address
+    /// arrives.
+    pub fn set_pid(&mut self, pid: u32) {
+        self.pid = Some(pid);
+    }
+
+    /// Addresses not announced yet.
+    pub fn missing(&self) -> usize {
+        self.missing.len()
+    }
+
+    /// Whether netlink can still tell when the cold start ends: no event lost before it ended and
+    /// the listener alive until then.
+    pub fn usable(&self) -> bool {
+        self.overruns == 0 && (self.complete_at.is_some() || self.failed.is_none())
+    }
+
+    /// Handles one event of the listener.
+    pub fn event(&mut self, event: Event<'_>) {
+        match event {
+            Event::Datagram(bytes, at) => {
+                if self.complete_at.is_none() {
+                    self.missing.remove_announced(bytes);
+                    if self.missing.is_empty() {
+                        self.complete_at = Some(at);
+                        self.cpu_at_complete = self.pid.map(crate::proxy::tree_cpu_seconds);
+                    }
+                }
+                self.caught_up = Some(at);
+            }
+            Event::Idle(since) => self.caught_up = Some(since),
+            Event::Overrun => {
+                if self.complete_at.is_none() {
+                    self.overruns += 1;
+                }
+            }
+            Event::Failed(why) => self.failed = Some(why),
+        }
+    }
 }
 
 /// How a change was seen in the kernel.
@@ -199,20 +367,34 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
-    tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A thread in the proxy's namespace reading its nftables events into a [`Tracker`].
+/// What the listener thread hands over, in the order it happened.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// A datagram (or what fit of it) that arrived at the given instant.
+    Datagram(&'a [u8], Instant),
+    /// The kernel dropped events (`ENOBUFS`), or a datagram was cut short: something was lost.
+    Overrun,
+    /// A `recv` that started at this instant found nothing queued: every datagram to come arrives
+    /// later.
+    Idle(Instant),
+    /// The listener stopped on this error.
+    Failed(String),
+}
+
+/// A thread in the proxy's namespace handing its nftables events to a handler.
 pub struct Listener {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Listener {
-    /// Subscribes in namespace `netns` and returns once subscribed, so that every change
-    /// registered afterwards is announced to us. `keep` picks the changes' addresses.
-    pub fn start(netns: &str, tracker: Arc<Mutex<Tracker>>, keep: fn(u32) -> bool) -> Result<Self> {
+    /// Subscribes in namespace `netns` and returns once subscribed, so that every commit after
+    /// this call is announced to `handler`, which runs on the listener's thread.
+    pub fn start(netns: &str, mut handler: impl FnMut(Event<'_>) + Send + 'static) -> Result<Self> {
         let path = Path::new("/run/netns").join(netns);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready, subscribed) = mpsc::channel();
@@ -230,13 +412,37 @@ impl Listener {
                         return;
                     }
                 };
-                if let Err(e) = listen(&fd, &tracker, keep, &flag) {
-                    lock(&tracker).failed = Some(format!("{e:#}"));
+                if let Err(e) = listen(&fd, &mut handler, &flag) {
+                    handler(Event::Failed(format!("{e:#}")));
                 }
             })
             .context("spawning the netlink listener")?;
         subscribed.recv().map_err(|_| anyhow!("the netlink listener died"))??;
         Ok(Self { stop, thread: Some(thread) })
+    }
+
+    /// A listener resolving the changes of a [`Tracker`] whose addresses `keep` accepts.
+    pub fn for_changes(netns: &str, tracker: Arc<Mutex<Tracker>>, keep: fn(u32) -> bool) -> Result<Self> {
+        Self::start(netns, move |event| match event {
+            Event::Datagram(bytes, at) => {
+                // Scanned before taking the lock, which the sender and the main loop share.
+                let found = addresses_in(bytes, keep);
+                if !found.is_empty() {
+                    let mut t = lock(&tracker);
+                    for ip in found {
+                        t.event(ip, at);
+                    }
+                }
+            }
+            Event::Overrun => lock(&tracker).overrun(),
+            Event::Idle(_) => {}
+            Event::Failed(why) => lock(&tracker).failed = Some(why),
+        })
+    }
+
+    /// A listener feeding a [`ColdStart`].
+    pub fn for_cold_start(netns: &str, cold: Arc<Mutex<ColdStart>>) -> Result<Self> {
+        Self::start(netns, move |event| lock(&cold).event(event))
     }
 }
 
@@ -266,26 +472,22 @@ fn subscribe(path: &Path) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-fn listen(fd: &OwnedFd, tracker: &Mutex<Tracker>, keep: fn(u32) -> bool, stop: &AtomicBool) -> Result<()> {
+fn listen(fd: &OwnedFd, handler: &mut impl FnMut(Event<'_>), stop: &AtomicBool) -> Result<()> {
     let mut buf = vec![0u8; RECV_BUFFER];
     while !stop.load(Ordering::Relaxed) {
+        let before = Instant::now();
         match rustix::net::recv(fd, &mut buf[..], RecvFlags::TRUNC) {
             Ok((len, full)) => {
                 let at = Instant::now();
                 if full > len {
                     // Cut short: whatever the rest held is lost, as in an overrun.
-                    lock(tracker).overrun();
+                    handler(Event::Overrun);
                 }
-                let found = addresses_in(&buf[..len], keep);
-                if !found.is_empty() {
-                    let mut t = lock(tracker);
-                    for ip in found {
-                        t.event(ip, at);
-                    }
-                }
+                handler(Event::Datagram(&buf[..len], at));
             }
-            Err(Errno::NOBUFS) => lock(tracker).overrun(),
-            Err(Errno::AGAIN | Errno::INTR) => {}
+            Err(Errno::NOBUFS) => handler(Event::Overrun),
+            Err(Errno::AGAIN) => handler(Event::Idle(before)),
+            Err(Errno::INTR) => {}
             Err(e) => return Err(e).context("receiving nftables events"),
         }
     }
@@ -374,6 +576,109 @@ mod tests {
         let mut header_only = message(NEWRULE, &[]);
         header_only[16..20].copy_from_slice(&new_ip);
         assert!(addresses_in(&header_only, change_ip).is_empty());
+    }
+
+    fn ip(a: [u8; 4]) -> u32 {
+        u32::from_be_bytes(a)
+    }
+
+    #[test]
+    fn the_aligned_scan_finds_addresses_at_multiples_of_four_only() {
+        let (a, b, c) = (ip([10, 96, 0, 10]), ip([10, 128, 0, 1]), ip([10, 128, 0, 2]));
+        let mut set = AddressSet::new([a, b, c]);
+        assert_eq!(set.len(), 3);
+        // `b` at offset 2: not aligned.
+        let mut unaligned = vec![0, 0];
+        unaligned.extend_from_slice(&b.to_be_bytes());
+        unaligned.extend_from_slice(&[0, 0]);
+        assert_eq!(set.remove_aligned(&unaligned), 0);
+        // `a` at offset 4; `c` cut short by the end of the bytes.
+        let mut bytes = vec![0xff; 4];
+        bytes.extend_from_slice(&a.to_be_bytes());
+        bytes.extend_from_slice(&c.to_be_bytes()[..3]);
+        assert_eq!(set.remove_aligned(&bytes), 1);
+        assert_eq!(set.len(), 2);
+        // Seen twice: removed once.
+        assert_eq!(set.remove_aligned(&a.to_be_bytes()), 0);
+        let mut both = b.to_be_bytes().to_vec();
+        both.extend_from_slice(&c.to_be_bytes());
+        assert_eq!(set.remove_aligned(&both), 2);
+        assert!(set.is_empty());
+        assert_eq!(set.remove_aligned(&both), 0);
+    }
+
+    #[test]
+    fn the_prefix_filter_never_hides_an_address() {
+        // Addresses spread over many /16s, and neighbours in other /16s that must stay.
+        let addrs: Vec<u32> = (0..5000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let mut set = AddressSet::new(addrs.iter().copied());
+        let noise: Vec<u8> = addrs.iter().flat_map(|a| (a ^ 0x0001_0000).to_be_bytes()).collect();
+        let hits = set.remove_aligned(&noise);
+        let expected_hits = addrs.iter().filter(|a| addrs.contains(&(*a ^ 0x0001_0000))).count();
+        assert_eq!(hits, expected_hits);
+        let all: Vec<u8> = addrs.iter().flat_map(|a| a.to_be_bytes()).collect();
+        set.remove_aligned(&all);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn announced_addresses_are_aligned_to_the_payload_after_nfgenmsg() {
+        let (a, b) = (ip([10, 96, 3, 4]), ip([10, 128, 0, 9]));
+        let mut set = AddressSet::new([a, b]);
+        // A rule with a 3-byte message body before the address would put it at an unaligned
+        // offset: not counted. After a 4-byte attribute header it is.
+        let mut unaligned = vec![0xaa, 0xbb, 0xcc];
+        unaligned.extend_from_slice(&a.to_be_bytes());
+        let mut aligned = vec![0x08, 0x00, 0x01, 0x00];
+        aligned.extend_from_slice(&b.to_be_bytes());
+        let mut datagram = message(NEWRULE, &unaligned);
+        datagram.extend(message(DELSETELEM, &a.to_be_bytes())); // a deletion does not count
+        datagram.extend(message(NEWSETELEM, &aligned));
+        assert_eq!(set.remove_announced(&datagram), 1);
+        assert_eq!(set.len(), 1);
+        // The header is not searched either.
+        let mut header = message(NEWRULE, &[]);
+        header[16..20].copy_from_slice(&a.to_be_bytes());
+        assert_eq!(set.remove_announced(&header), 0);
+        assert_eq!(set.remove_announced(&message(NEWSET, &a.to_be_bytes())), 1);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn a_cold_start_ends_with_the_datagram_that_brings_the_last_address() {
+        let (a, b) = (ip([10, 96, 0, 1]), ip([10, 128, 0, 1]));
+        let mut cold = ColdStart::new(&[a, b].into_iter().collect());
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(5);
+        let t2 = t0 + Duration::from_millis(9);
+        cold.event(Event::Idle(t0));
+        assert_eq!(cold.caught_up, Some(t0));
+        cold.event(Event::Datagram(&message(NEWRULE, &a.to_be_bytes()), t1));
+        assert_eq!((cold.missing(), cold.complete_at, cold.caught_up), (1, None, Some(t1)));
+        let mut last = message(NEWGEN, &b.to_be_bytes());
+        last.extend(message(NEWSETELEM, &b.to_be_bytes()));
+        cold.event(Event::Datagram(&last, t2));
+        assert_eq!((cold.missing(), cold.complete_at), (0, Some(t2)));
+        assert!(cold.usable());
+        // Later events do not move the end; an overrun after it does not matter.
+        cold.event(Event::Overrun);
+        cold.event(Event::Datagram(&last, t2 + Duration::from_millis(1)));
+        assert_eq!((cold.complete_at, cold.overruns), (Some(t2), 0));
+        assert!(cold.usable());
+    }
+
+    #[test]
+    fn a_cold_start_with_lost_events_is_not_netlinks_to_tell() {
+        let a = ip([10, 96, 0, 1]);
+        let mut cold = ColdStart::new(&[a].into_iter().collect());
+        cold.event(Event::Overrun);
+        cold.event(Event::Datagram(&message(NEWRULE, &a.to_be_bytes()), Instant::now()));
+        assert!(cold.complete_at.is_some());
+        assert!(!cold.usable());
+        assert_eq!(cold.overruns, 1);
+        let mut failed = ColdStart::new(&[a].into_iter().collect());
+        failed.event(Event::Failed("gone".into()));
+        assert!(!failed.usable());
     }
 
     #[test]

@@ -113,11 +113,13 @@ pub struct Running {
     sampler: Sampler,
     mode: Mode,
     variant: Variant,
+    stopped: bool,
 }
 
 impl Running {
-    pub fn start(setup: &Setup, mode: Mode, variant: Variant, tag: &str) -> Result<Self> {
-        let netns = node_netns("node")?;
+    /// Starts the proxy in `netns` (from [`node_netns`]; whoever listens there must have
+    /// subscribed before this call to see the proxy's first commit).
+    pub fn start(netns: Netns, setup: &Setup, mode: Mode, variant: Variant, tag: &str) -> Result<Self> {
         let bridge = ApiBridge::start(&netns, setup.api)?;
         let log = setup.logs.join(format!("{tag}.log"));
         let (program, args) = match variant {
@@ -155,7 +157,12 @@ impl Running {
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         let sampler = Sampler::start(child.id());
-        Ok(Self { netns, _bridge: bridge, child, started, sampler, mode, variant })
+        Ok(Self { netns, _bridge: bridge, child, started, sampler, mode, variant, stopped: false })
+    }
+
+    /// The proxy's pid (`ip netns exec` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn check_alive(&mut self) -> Result<()> {
@@ -188,9 +195,9 @@ impl Running {
         Some((count, sum))
     }
 
-    /// CPU seconds of the process and its reaped children so far.
+    /// CPU seconds of the proxy's process tree so far (see [`tree_cpu_seconds`]).
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.child.id())
+        tree_cpu_seconds(self.child.id())
     }
 
     /// Peak RSS of the tree in bytes (sampled) or the main process' VmHWM, whichever is larger.
@@ -198,11 +205,33 @@ impl Running {
         self.sampler.peak.load(Ordering::Relaxed).max(status_kib(self.child.id(), "VmHWM:") * 1024)
     }
 
+    /// Stops the proxy and whatever it runs (an `iptables-restore` or `nft` in the middle of a
+    /// sync: after a cold-start timeout, one may have minutes to go).
     pub fn stop(mut self) -> Result<()> {
+        self.kill()
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
+        }
         self.sampler.stop();
+        // The proxy leads its own process group (`process_group(0)`), which its children join.
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
-        self.child.wait()?;
+        self.child.wait().context("waiting for the proxy")?;
         Ok(())
+    }
+}
+
+impl Drop for Running {
+    /// A run that fails leaves no proxy behind either.
+    fn drop(&mut self) {
+        if let Err(e) = self.kill() {
+            eprintln!("bench: stopping the proxy: {e:#}");
+        }
     }
 }
 
@@ -377,6 +406,13 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// CPU seconds of `pid` and of every descendant, live or reaped: the sum over the process tree of
+/// each process' own and reaped children's time. A child that has just committed a sync (and is
+/// not reaped yet) counts as well.
+pub fn tree_cpu_seconds(pid: u32) -> f64 {
+    tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
 /// utime + stime + cutime + cstime (fields 14..=17 of /proc/PID/stat), in seconds.

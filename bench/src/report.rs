@@ -14,6 +14,7 @@ use plotters::prelude::*;
 
 use crate::{
     Detect,
+    cold::Fallback,
     load::Point,
     netlink::Source,
     proxy::{Mode, Variant},
@@ -25,18 +26,29 @@ pub struct RunResult {
     pub mode: Mode,
     pub variant: Variant,
     pub repeat: usize,
+    /// Proxy start to the cold start's end: the arrival of the netlink event after which every
+    /// address of the load had been announced, confirmed by a dump; or, if `cold_fallback`, the
+    /// end of the first kernel dump holding them all. None: not within `--cold-timeout-s`.
+    pub cold_s: Option<f64>,
+    /// Why the cold start is the polled figure, not netlink's.
+    pub cold_fallback: Option<Fallback>,
+    /// Netlink's end, taken or not.
+    pub cold_netlink_s: Option<f64>,
     /// Proxy start to the end of the first kernel dump holding the whole load.
-    pub cold_s: f64,
-    /// How long that dump took (the resolution of `cold_s`).
-    pub poll_s: f64,
+    pub cold_poll_s: Option<f64>,
+    /// How long that dump took (the resolution of `cold_poll_s`).
+    pub poll_s: Option<f64>,
+    /// Netlink overruns before the cold start's end.
+    pub cold_overruns: usize,
     /// iptables-restore / nft -f of the same ruleset into a fresh namespace.
-    pub floor_s: f64,
-    pub cpu_cold_s: f64,
+    pub floor_s: Option<f64>,
+    /// CPU of the process tree at the cold start's end.
+    pub cpu_cold_s: Option<f64>,
     pub cpu_total_s: f64,
     pub rss_mib: f64,
-    pub lines: usize,
+    pub lines: Option<usize>,
     /// Bytes of the dump (`iptables-save` / `nft list table`), both families.
-    pub bytes: usize,
+    pub bytes: Option<usize>,
     /// Syncs the proxy reported during the whole run, and their mean duration (its own metric).
     pub syncs: f64,
     pub sync_mean_ms: f64,
@@ -52,21 +64,39 @@ pub struct RunResult {
 }
 
 impl RunResult {
+    /// How the cold start was taken: `netlink`, `dump` (see `cold_fallback`) or `timeout`.
+    pub fn cold_by(&self) -> &'static str {
+        match (self.cold_s, self.cold_fallback) {
+            (None, _) => "timeout",
+            (Some(_), Some(_)) => "dump",
+            (Some(_), None) => "netlink",
+        }
+    }
+
     pub fn describe(&self, lat: &[Latency]) -> String {
         let mut ms: Vec<f64> = lat.iter().map(|l| l.ms).collect();
+        let cold = match self.cold_s {
+            None => "cold start timed out".to_owned(),
+            Some(c) => format!(
+                "cold {c:.2}s by {}{} (netlink {}s, first complete dump {}s, which took {}s)",
+                self.cold_by(),
+                self.cold_fallback.map_or(String::new(), |f| format!(": {}", f.name())),
+                or_dash(num(self.cold_netlink_s, 2)),
+                or_dash(num(self.cold_poll_s, 2)),
+                or_dash(num(self.poll_s, 2)),
+            ),
+        };
         format!(
-            "cold {:.2}s (poll {:.2}s), floor {:.2}s, cpu {:.2}s/{:.2}s, rss {:.0} MiB, {} entries, {} syncs of {:.0} ms, latency p50 {:.0} ms p99 {:.0} ms ({} changes by {}: {} resolved by dump, {} overruns, {} lost)",
-            self.cold_s,
-            self.poll_s,
-            self.floor_s,
-            self.cpu_cold_s,
+            "{cold}, floor {}s, cpu {}s/{:.2}s, rss {:.0} MiB, {} entries, {} syncs of {} ms, latency p50 {} ms p99 {} ms ({} changes by {}: {} resolved by dump, {} overruns, {} lost)",
+            or_dash(num(self.floor_s, 2)),
+            or_dash(num(self.cpu_cold_s, 2)),
             self.cpu_total_s,
             self.rss_mib,
-            self.lines,
-            self.syncs,
-            self.sync_mean_ms,
-            percentile(&mut ms, 50.0),
-            percentile(&mut ms, 99.0),
+            self.lines.map_or("-".into(), |l| l.to_string()),
+            or_dash(num(self.syncs, 0)),
+            or_dash(num(self.sync_mean_ms, 0)),
+            or_dash(num(percentile(&mut ms, 50.0), 0)),
+            or_dash(num(percentile(&mut ms, 99.0), 0)),
             self.changes,
             self.detect.name(),
             self.by_dump,
@@ -92,8 +122,14 @@ type Key = (String, Mode, Variant);
 #[derive(Clone, Debug, Default)]
 struct Summary {
     runs: usize,
+    /// Medians with a timed-out run as +infinity (slower than any finished one).
     cold_s: f64,
+    cold_poll_s: f64,
     poll_s: f64,
+    cold_timeouts: usize,
+    /// Runs whose cold start is the polled figure.
+    cold_by_dump: usize,
+    cold_overruns: usize,
     floor_s: f64,
     cpu_cold_s: f64,
     cpu_total_s: f64,
@@ -110,6 +146,8 @@ struct Summary {
 
 pub struct Results {
     dir: PathBuf,
+    /// `--cold-timeout-s`, to show what a timed-out cold start means.
+    cold_timeout_s: u64,
     runs_csv: File,
     lat_csv: File,
     runs: Vec<RunResult>,
@@ -118,6 +156,25 @@ pub struct Results {
 
 pub fn median(v: &mut [f64]) -> f64 {
     percentile(v, 50.0)
+}
+
+/// The median of the values present (NaN for none).
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> f64 {
+    median(&mut values.flatten().filter(|v| !v.is_nan()).collect::<Vec<_>>())
+}
+
+/// `v` with `digits` decimals; empty for a missing or non-finite value (CSV).
+fn num(v: impl Into<Option<f64>>, digits: usize) -> String {
+    match v.into() {
+        // `+ 0.0`: no "-0" for a negative zero.
+        Some(v) if v.is_finite() => format!("{:.digits$}", v + 0.0),
+        _ => String::new(),
+    }
+}
+
+/// `-` for an empty field (log lines).
+fn or_dash(s: String) -> String {
+    if s.is_empty() { "-".into() } else { s }
 }
 
 /// Nearest-rank percentile; NaN for no data.
@@ -131,35 +188,47 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 impl Results {
-    pub fn create(dir: &Path) -> Result<Self> {
+    pub fn create(dir: &Path, cold_timeout_s: u64) -> Result<Self> {
         let mut runs_csv = File::create(dir.join("runs.csv"))?;
         writeln!(
             runs_csv,
-            "point,mode,proxy,repeat,cold_s,poll_s,floor_s,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,ruleset_bytes,syncs,sync_mean_ms,detect,changes,by_dump,overruns,lost"
+            "point,mode,proxy,repeat,cold_s,cold_by,cold_fallback,cold_netlink_s,cold_poll_s,poll_s,cold_overruns,floor_s,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,ruleset_bytes,syncs,sync_mean_ms,detect,changes,by_dump,overruns,lost"
         )?;
         let mut lat_csv = File::create(dir.join("latencies.csv"))?;
         writeln!(lat_csv, "point,mode,proxy,repeat,latency_ms,detected_by")?;
-        Ok(Self { dir: dir.to_owned(), runs_csv, lat_csv, runs: Vec::new(), latencies: Vec::new() })
+        Ok(Self {
+            dir: dir.to_owned(),
+            cold_timeout_s,
+            runs_csv,
+            lat_csv,
+            runs: Vec::new(),
+            latencies: Vec::new(),
+        })
     }
 
     pub fn add(&mut self, run: RunResult, lat: Vec<Latency>) -> Result<()> {
         writeln!(
             self.runs_csv,
-            "{},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.1},{},{},{},{:.1},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.1},{},{},{},{},{},{},{},{},{}",
             run.point,
             run.mode.name(),
             run.variant.name(),
             run.repeat,
-            run.cold_s,
-            run.poll_s,
-            run.floor_s,
-            run.cpu_cold_s,
+            num(run.cold_s, 4),
+            run.cold_by(),
+            run.cold_fallback.map_or("", Fallback::name),
+            num(run.cold_netlink_s, 4),
+            num(run.cold_poll_s, 4),
+            num(run.poll_s, 4),
+            run.cold_overruns,
+            num(run.floor_s, 4),
+            num(run.cpu_cold_s, 3),
             run.cpu_total_s,
             run.rss_mib,
-            run.lines,
-            run.bytes,
-            run.syncs,
-            run.sync_mean_ms,
+            run.lines.map_or(String::new(), |l| l.to_string()),
+            run.bytes.map_or(String::new(), |b| b.to_string()),
+            num(run.syncs, 0),
+            num(run.sync_mean_ms, 1),
             run.detect.name(),
             run.changes,
             run.by_dump,
@@ -196,17 +265,24 @@ impl Results {
         grouped
             .into_iter()
             .map(|(key, (runs, mut lat))| {
-                let m = |f: fn(&RunResult) -> f64| median(&mut runs.iter().map(|r| f(r)).collect::<Vec<_>>());
+                let m = |f: fn(&RunResult) -> Option<f64>| median_of(runs.iter().map(|r| f(r)));
                 let summary = Summary {
                     runs: runs.len(),
-                    cold_s: m(|r| r.cold_s),
+                    cold_s: m(|r| Some(r.cold_s.unwrap_or(f64::INFINITY))),
+                    cold_poll_s: m(|r| Some(r.cold_poll_s.unwrap_or(f64::INFINITY))),
                     poll_s: m(|r| r.poll_s),
+                    cold_timeouts: runs.iter().filter(|r| r.cold_s.is_none()).count(),
+                    cold_by_dump: runs
+                        .iter()
+                        .filter(|r| r.cold_s.is_some() && r.cold_fallback.is_some())
+                        .count(),
+                    cold_overruns: runs.iter().map(|r| r.cold_overruns).sum(),
                     floor_s: m(|r| r.floor_s),
                     cpu_cold_s: m(|r| r.cpu_cold_s),
-                    cpu_total_s: m(|r| r.cpu_total_s),
-                    rss_mib: m(|r| r.rss_mib),
-                    lines: m(|r| r.lines as f64),
-                    sync_mean_ms: m(|r| r.sync_mean_ms),
+                    cpu_total_s: m(|r| Some(r.cpu_total_s)),
+                    rss_mib: m(|r| Some(r.rss_mib)),
+                    lines: m(|r| r.lines.map(|l| l as f64)),
+                    sync_mean_ms: m(|r| Some(r.sync_mean_ms)),
                     p50_ms: percentile(&mut lat, 50.0),
                     p99_ms: percentile(&mut lat, 99.0),
                     changes: runs.iter().map(|r| r.changes).sum(),
@@ -223,26 +299,30 @@ impl Results {
     pub fn finish(&self, points: &[Point], modes: &[Mode], variants: &[Variant]) -> Result<String> {
         let summaries = self.summaries();
         let mut csv = String::from(
-            "point,mode,proxy,runs,cold_s,poll_s,floor_s,cold_over_floor,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,sync_mean_ms,p50_ms,p99_ms,changes,by_dump,overruns,lost\n",
+            "point,mode,proxy,runs,cold_s,cold_poll_s,poll_s,cold_timeouts,cold_by_dump,cold_overruns,floor_s,cold_over_floor,cpu_cold_s,cpu_total_s,peak_rss_mib,ruleset_entries,sync_mean_ms,p50_ms,p99_ms,changes,by_dump,overruns,lost\n",
         );
         for ((point, mode, variant), s) in &summaries {
             let _ = writeln!(
                 csv,
-                "{point},{},{},{},{:.4},{:.4},{:.4},{:.3},{:.3},{:.3},{:.1},{:.0},{:.1},{:.1},{:.1},{},{},{},{}",
+                "{point},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                 mode.name(),
                 variant.name(),
                 s.runs,
-                s.cold_s,
-                s.poll_s,
-                s.floor_s,
-                s.cold_s / s.floor_s,
-                s.cpu_cold_s,
-                s.cpu_total_s,
-                s.rss_mib,
-                s.lines,
-                s.sync_mean_ms,
-                s.p50_ms,
-                s.p99_ms,
+                num(s.cold_s, 4),
+                num(s.cold_poll_s, 4),
+                num(s.poll_s, 4),
+                s.cold_timeouts,
+                s.cold_by_dump,
+                s.cold_overruns,
+                num(s.floor_s, 4),
+                num(s.cold_s / s.floor_s, 3),
+                num(s.cpu_cold_s, 3),
+                num(s.cpu_total_s, 3),
+                num(s.rss_mib, 1),
+                num(s.lines, 0),
+                num(s.sync_mean_ms, 1),
+                num(s.p50_ms, 1),
+                num(s.p99_ms, 1),
                 s.changes,
                 s.by_dump,
                 s.overruns,
@@ -250,7 +330,8 @@ impl Results {
             );
         }
         std::fs::write(self.dir.join("summary.csv"), csv)?;
-        let mut table = table(&summaries, points, modes, variants);
+        let mut table = table(&summaries, points, modes, variants, self.cold_timeout_s);
+        let _ = write!(table, "{}", self.cold_notes());
         let netlink = self.runs.iter().filter(|r| r.detect == Detect::Netlink);
         let (by_dump, overruns) = netlink.fold((0, 0), |(d, o), r| (d + r.by_dump, o + r.overruns));
         if by_dump > 0 || overruns > 0 {
@@ -269,6 +350,60 @@ impl Results {
     }
 }
 
+impl Results {
+    /// Lines under the table on how the cold starts were taken, if not all by netlink.
+    fn cold_notes(&self) -> String {
+        let mut notes = String::new();
+        let mut fallbacks: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in self.runs.iter().filter(|r| r.cold_s.is_some()) {
+            if let Some(f) = r.cold_fallback {
+                *fallbacks.entry(f.name()).or_default() += 1;
+            }
+        }
+        let by_dump: usize = fallbacks.values().sum();
+        if by_dump > 0 {
+            let why: Vec<String> = fallbacks.iter().map(|(f, n)| format!("{n} {f}")).collect();
+            let _ = writeln!(
+                notes,
+                "\n{by_dump} of {} cold starts are the polled figure (end of the first kernel dump holding every \
+                 address), not the netlink event's: {} (`cold_fallback` in runs.csv).",
+                self.runs.len(),
+                why.join(", ")
+            );
+        }
+        let timeouts = self.runs.iter().filter(|r| r.cold_s.is_none()).count();
+        if timeouts > 0 {
+            let _ = writeln!(
+                notes,
+                "\n{timeouts} of {} runs did not finish their cold start within {} s (no latency phase; \
+                 `cold_by` = timeout in runs.csv); medians count them as slower than any finished run.",
+                self.runs.len(),
+                self.cold_timeout_s
+            );
+        }
+        notes
+    }
+}
+
+/// A cold start in the table: seconds, or a timeout.
+fn cold_secs(v: f64, timeout_s: u64) -> String {
+    if v.is_infinite() { format!("> {timeout_s} s (timed out)") } else { format!("{v:.2}") }
+}
+
+fn cold_cell(fp: f64, kp: f64, timeout_s: u64) -> String {
+    if fp.is_nan() || kp.is_nan() {
+        return "-".into();
+    }
+    let ratio = if fp.is_finite() && kp.is_finite() { format!(" ({:.2}×)", fp / kp) } else { String::new() };
+    format!("{} / {}{ratio}", cold_secs(fp, timeout_s), cold_secs(kp, timeout_s))
+}
+
+/// `a / b` with 2 decimals, or `-`.
+fn ratio(a: f64, b: f64) -> String {
+    let r = a / b;
+    if r.is_finite() { format!("{r:.2}") } else { "-".into() }
+}
+
 fn cell(fp: f64, kp: f64, digits: usize) -> String {
     if fp.is_nan() || kp.is_nan() {
         return "-".into();
@@ -281,9 +416,11 @@ fn table(
     points: &[Point],
     modes: &[Mode],
     variants: &[Variant],
+    cold_timeout_s: u64,
 ) -> String {
     let mut t = String::from(
-        "Medians; each cell is fleetproxy / kube-proxy (ratio). Cold start and its floor in seconds, latency in ms \
+        "Medians; each cell is fleetproxy / kube-proxy (ratio). Cold start (to the netlink event of its last address) \
+         and its floor in seconds, latency in ms \
          (pooled over the repeats), CPU in seconds to the first complete sync, peak RSS of the process tree in MiB.\n\n\
          | point | mode | kube-proxy config | cold start s | kernel floor s | fleetproxy cold/floor | latency p50 ms | latency p99 ms | CPU s (cold) | peak RSS MiB | ruleset entries | mean sync ms (own metric) |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -296,11 +433,11 @@ fn table(
                 let config = if kpv == Variant::KubeProxyDefaults { "defaults" } else { "equal" };
                 let _ = writeln!(
                     t,
-                    "| {point} | {} | {config} | {} | {} | {:.2} | {} | {} | {} | {} | {} | {} |",
+                    "| {point} | {} | {config} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     mode.name(),
-                    cell(fp.cold_s, kp.cold_s, 2),
+                    cold_cell(fp.cold_s, kp.cold_s, cold_timeout_s),
                     cell(fp.floor_s, kp.floor_s, 3),
-                    fp.cold_s / fp.floor_s,
+                    ratio(fp.cold_s, fp.floor_s),
                     cell(fp.p50_ms, kp.p50_ms, 0),
                     cell(fp.p99_ms, kp.p99_ms, 0),
                     cell(fp.cpu_cold_s, kp.cpu_cold_s, 2),
@@ -409,4 +546,126 @@ fn plot(
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(variant: Variant, repeat: usize, cold_s: Option<f64>, fallback: Option<Fallback>) -> RunResult {
+        RunResult {
+            point: Point { services: 10, endpoints: 10 },
+            mode: Mode::Iptables,
+            variant,
+            repeat,
+            cold_s,
+            cold_fallback: fallback,
+            cold_netlink_s: cold_s,
+            cold_poll_s: cold_s.map(|c| c + 0.5),
+            poll_s: cold_s.map(|_| 0.1),
+            cold_overruns: 0,
+            floor_s: cold_s.map(|_| 1.0),
+            cpu_cold_s: cold_s.map(|_| 0.5),
+            cpu_total_s: 2.0,
+            rss_mib: 30.0,
+            lines: cold_s.map(|_| 100),
+            bytes: cold_s.map(|_| 1000),
+            syncs: 3.0,
+            sync_mean_ms: 10.0,
+            detect: Detect::Netlink,
+            changes: 0,
+            by_dump: 0,
+            overruns: 0,
+            lost: 0,
+        }
+    }
+
+    fn results(runs: Vec<RunResult>) -> (tempdir::Dir, Results) {
+        let dir = tempdir::Dir::new();
+        let mut r = Results::create(&dir.0, 900).expect("results");
+        for run in runs {
+            r.add(run, Vec::new()).expect("add");
+        }
+        (dir, r)
+    }
+
+    /// A directory under the system's temporary one, removed on drop.
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path =
+                    std::env::temp_dir().join(format!("fleetproxy-bench-test-{}-{n}", std::process::id()));
+                std::fs::create_dir_all(&path).expect("temp dir");
+                Self(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn timeouts_count_as_slowest_in_the_median() {
+        let fp = Variant::Fleetproxy;
+        let (_dir, r) = results(vec![
+            run(fp, 0, Some(3.0), None),
+            run(fp, 1, None, None),
+            run(fp, 2, Some(1.0), Some(Fallback::Late)),
+        ]);
+        let s = &r.summaries()[&("10x10".to_owned(), Mode::Iptables, fp)];
+        // 1, 3, timeout: the median is 3; floor and CPU over the finished runs only.
+        assert_eq!((s.cold_s, s.cold_timeouts, s.cold_by_dump), (3.0, 1, 1));
+        assert_eq!((s.floor_s, s.cpu_total_s), (1.0, 2.0));
+        let (_dir, r) =
+            results(vec![run(fp, 0, None, None), run(fp, 1, None, None), run(fp, 2, Some(1.0), None)]);
+        let s = &r.summaries()[&("10x10".to_owned(), Mode::Iptables, fp)];
+        assert!(s.cold_s.is_infinite());
+    }
+
+    #[test]
+    fn a_timed_out_cell_says_so() {
+        assert_eq!(cold_cell(f64::INFINITY, 2.0, 900), "> 900 s (timed out) / 2.00");
+        assert_eq!(cold_cell(1.0, 2.0, 900), "1.00 / 2.00 (0.50×)");
+        assert_eq!(cold_cell(f64::NAN, 2.0, 900), "-");
+        assert_eq!(ratio(f64::INFINITY, f64::NAN), "-");
+    }
+
+    #[test]
+    fn csvs_leave_missing_values_empty() {
+        let (dir, r) = results(vec![
+            run(Variant::Fleetproxy, 0, None, None),
+            run(Variant::KubeProxyEqual, 0, Some(2.0), Some(Fallback::Disagreed)),
+        ]);
+        let table = r.finish(
+            &["10x10".parse().expect("point")],
+            &[Mode::Iptables],
+            &[Variant::Fleetproxy, Variant::KubeProxyEqual],
+        );
+        let table = table.expect("table");
+        assert!(table.contains("| > 900 s (timed out) / 2.00 |"), "{table}");
+        assert!(table.contains("1 of 2 runs did not finish their cold start within 900 s"), "{table}");
+        assert!(table.contains("1 of 2 cold starts are the polled figure"), "{table}");
+        let runs = std::fs::read_to_string(dir.0.join("runs.csv")).expect("runs.csv");
+        let lines: Vec<&str> = runs.lines().collect();
+        assert!(lines[0].starts_with(
+            "point,mode,proxy,repeat,cold_s,cold_by,cold_fallback,cold_netlink_s,cold_poll_s,poll_s,"
+        ));
+        assert!(
+            lines[1].starts_with("10x10,iptables,fleetproxy,0,,timeout,,,,,0,,,2.000,30.0,,,3,10.0,"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("10x10,iptables,kube-proxy,0,2.0000,dump,disagreed,2.0000,2.5000,0.1000,0,"),
+            "{}",
+            lines[2]
+        );
+        let summary = std::fs::read_to_string(dir.0.join("summary.csv")).expect("summary.csv");
+        assert!(summary.contains("10x10,iptables,fleetproxy,1,,,,1,0,0,,"), "{summary}");
+    }
 }
