@@ -166,11 +166,42 @@ fn masquerade_mark(settings: &NodeSettings) -> u32 {
     1u32 << (settings.masquerade_bit & 31)
 }
 
+/// One chain's rules, in order, and their digest. What a sync applied keeps the digest only
+/// ([`RenderedState`]): the next partial sync compares digests, and 10,000 services' rule texts
+/// would cost the agent ~20 MiB for nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ChainRules {
+    pub rules: Vec<String>,
+    digest: u64,
+}
+
+impl ChainRules {
+    fn new(rules: Vec<String>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        rules.hash(&mut hasher);
+        Self { digest: hasher.finish(), rules }
+    }
+
+    /// Drops the text, keeping the digest.
+    fn forget_text(&mut self) {
+        self.rules = Vec::new();
+    }
+}
+
+impl PartialEq for ChainRules {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for ChainRules {}
+
 /// What one service port in one family contributes to that family's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
     /// Chains by name, each with its rules in order.
-    pub chains: BTreeMap<String, Vec<String>>,
+    pub chains: BTreeMap<String, ChainRules>,
     /// Affinity sets by name, with their declaration (`{ type ...; flags ...; timeout ...; }`).
     pub sets: BTreeMap<String, String>,
     /// Verdict-map elements: (map, key) → verdict.
@@ -499,7 +530,7 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
                 format!("update @{set} {{ {ip} saddr }}"),
                 format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port)),
             ];
-            out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), rules);
+            out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), ChainRules::new(rules));
         }
     }
 
@@ -513,7 +544,7 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
             rules.push(format!("{ip} saddr != {} jump {MARK_FOR_MASQUERADE}", set_literal(&cluster_cidrs)));
         }
         rules.extend(balance(plan, family, &plan.cluster_targets));
-        out.chains.insert(chain.clone(), rules);
+        out.chains.insert(chain.clone(), ChainRules::new(rules));
     }
 
     // External traffic. Cluster policy: masquerade everything. Local policy: keep the client's
@@ -543,7 +574,7 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
                 _ => rules.extend(balance(plan, family, &plan.external_targets)),
             }
         }
-        out.chains.insert(chain.clone(), rules);
+        out.chains.insert(chain.clone(), ChainRules::new(rules));
     }
 
     // Verdicts: where each destination goes, or how it is refused.
@@ -580,12 +611,23 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     let ranges = family.nets(&plan.load_balancer_source_ranges);
     if !ranges.is_empty() && !plan.load_balancer_ips.is_empty() {
         let chain = names::firewall_chain(plan);
-        out.chains.insert(chain.clone(), vec![format!("{ip} saddr != {} drop", set_literal(&ranges))]);
+        let drop = vec![format!("{ip} saddr != {} drop", set_literal(&ranges))];
+        out.chains.insert(chain.clone(), ChainRules::new(drop));
         for addr in &plan.load_balancer_ips {
             out.elements.insert((VerdictMap::FirewallIps, key(addr)), format!("goto {chain}"));
         }
     }
     out
+}
+
+/// The rules as a sync's state keeps them: digests, no text.
+fn without_text(
+    mut services: BTreeMap<(IpFamily, ServicePortName), ServiceRules>,
+) -> BTreeMap<(IpFamily, ServicePortName), ServiceRules> {
+    for rules in services.values_mut() {
+        rules.chains.values_mut().for_each(ChainRules::forget_text);
+    }
+    services
 }
 
 /// Renders every plan, keyed by family and service port. Plans of a family other than their
@@ -687,7 +729,7 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
                     }
                 }
                 for (name, chain) in &rules.chains {
-                    for rule in chain {
+                    for rule in &chain.rules {
                         script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
                     }
                 }
@@ -765,7 +807,7 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         lines: script.lines,
         cuts: script.cuts,
         script: script.text,
-        state: RenderedState { settings: settings.clone(), services },
+        state: RenderedState { settings: settings.clone(), services: without_text(services) },
         full: true,
     }
 }
@@ -854,7 +896,7 @@ pub fn render_partial(
             script.line(format_args!("flush chain {ip} {TABLE} {name}"));
         }
         for (name, rules) in new_chains.iter().chain(&rewrite_chains) {
-            for rule in rules.iter() {
+            for rule in &rules.rules {
                 script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
             }
         }
@@ -885,6 +927,6 @@ pub fn render_partial(
             state.services.remove(&(family.0, name.clone()));
         }
     }
-    state.services.extend(fresh);
+    state.services.extend(without_text(fresh));
     Rendering { script: script.text, lines: script.lines, cuts: Vec::new(), state, full: false }
 }
