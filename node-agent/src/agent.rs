@@ -303,7 +303,11 @@ impl Agent {
         loop {
             let ready = self.inputs_ready();
             let next_sync = tokio::time::Instant::from_std(self.scheduler.next_sync());
+            // Biased: every event already waiting is taken before a sync starts, so that a burst
+            // of changes goes into one sync (unbiased, half the syncs would carry a single event
+            // while the rest queue behind them).
             tokio::select! {
+                biased;
                 signal = &mut shutdown => {
                     // Leave the rules in place: they keep Services working until the next agent
                     // replaces them, as kube-proxy does.
