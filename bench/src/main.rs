@@ -44,7 +44,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "iptables,nftables")]
     modes: Vec<Mode>,
     /// `equal`: kube-proxy gets the same sync periods as fleetproxy; `defaults`: kube-proxy at its
-    /// defaults (30s / 1s). fleetproxy always runs with --sync-period / --min-sync-period.
+    /// defaults (30s / 1s); `none`: fleetproxy alone (to re-measure it after a change). fleetproxy
+    /// always runs with --sync-period / --min-sync-period.
     #[arg(long, value_delimiter = ',', default_value = "equal,defaults")]
     profiles: Vec<String>,
     /// syncPeriod of fleetproxy (and of kube-proxy in the `equal` profile).
@@ -147,7 +148,8 @@ fn profile_variants(profiles: &[String]) -> Result<Vec<Variant>> {
         match p.as_str() {
             "equal" => variants.push(Variant::KubeProxyEqual),
             "defaults" => variants.push(Variant::KubeProxyDefaults),
-            _ => bail!("unknown profile {p:?} (equal, defaults)"),
+            "none" => {}
+            _ => bail!("unknown profile {p:?} (equal, defaults, none)"),
         }
     }
     Ok(variants)

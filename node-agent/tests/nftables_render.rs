@@ -412,6 +412,33 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     assert_eq!(cut.snapshot(), reference.snapshot());
 }
 
+#[test]
+fn a_large_service_dnats_through_one_map_in_both_families() {
+    let v4: Vec<Target> = (0..40u8).map(|i| target(&format!("10.244.9.{i}"), 8080, i == 0)).collect();
+    let v6: Vec<Target> = (0..40u8).map(|i| target(&format!("fd00:10::9:{i:x}"), 8080, false)).collect();
+    let plans = vec![
+        ServicePlan {
+            cluster_ips: vec![ip("10.96.9.9")],
+            cluster_targets: v4,
+            ..plan(name("ns", "big", "http", Protocol::Tcp), IpFamily::V4, 80)
+        },
+        ServicePlan {
+            cluster_ips: vec![ip("fd00:10:96::99")],
+            cluster_targets: v6,
+            ..plan(name("ns", "big", "http", Protocol::Tcp), IpFamily::V6, 80)
+        },
+    ];
+    let full = render_full(&plans, &settings(), &KernelObjects::default());
+    let maps: Vec<&str> = full.script.lines().filter(|l| l.contains("numgen random mod 40 map {")).collect();
+    assert_eq!(maps.len(), 2, "{}", full.script);
+    assert!(maps[0].contains("dnat ip to") && maps[0].contains("39 : 10.244.9.39 . 8080"));
+    assert!(maps[1].contains("dnat ip6 to"));
+    assert!(!full.script.contains("numgen random mod 39 0"), "no cascade above the limit");
+    let ns = Scratch::new("bigmap");
+    ns.check(&full.script);
+    ns.apply(&full.script);
+}
+
 #[tokio::test]
 async fn proxier_syncs_reads_back_and_cleans_up_in_a_netns() {
     let ns = Scratch::new("proxier");

@@ -447,12 +447,18 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
     ]
 }
 
-/// The rules that pick one of `targets` and DNAT to it. Without affinity: a cascade like iptables'
-/// `statistic` rules, rule `i` of `n` taking the connection with probability `1/(n-i)` (uniform in
-/// all), each rule DNATing itself. No set at all: this kernel (6.18) makes every anonymous set of a
-/// table scan all the table's sets for a free `__map%d` name, and binding a rule to a shared map
-/// walk the map's elements, so kube-proxy's `numgen random mod n map { ... }` costs O(services²)
-/// to load: 62 s for 10,000 services × 10 against 3.5 s for the cascade (docs/benchmarks.md).
+/// Above this many endpoints a service port DNATs through one anonymous map instead of a cascade.
+const CASCADE_MAX_ENDPOINTS: usize = 32;
+
+/// The rules that pick one of `targets` and DNAT to it. Without affinity, up to
+/// [`CASCADE_MAX_ENDPOINTS`]: a cascade like iptables' `statistic` rules, rule `i` of `n` taking the
+/// connection with probability `1/(n-i)` (uniform in all), each rule DNATing itself. No set at all:
+/// this kernel (6.18) makes every anonymous set of a table scan all the table's sets for a free
+/// `__map%d` name, and binding a rule to a shared map walk the map's elements, so kube-proxy's
+/// `numgen random mod n map { ... }` for every service costs O(services²) to load: 62 s for 10,000
+/// services × 10 against 3.5 s for the cascade (docs/benchmarks.md). Larger services are few, and
+/// for them one rule with a map beats thousands of rules (a change of a 10,000-endpoint service
+/// rewrites one rule, not 10,000).
 /// With affinity: a client pinned to an endpoint goes back to its chain, others are spread at
 /// random over the endpoint chains (which record the client).
 fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String> {
@@ -461,6 +467,15 @@ fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String
     let Some(timeout) = plan.session_affinity else {
         let proto = plan.protocol.as_str();
         let n = targets.len();
+        if n > CASCADE_MAX_ENDPOINTS {
+            let arms: Vec<String> =
+                targets.iter().enumerate().map(|(i, t)| format!("{i} : {} . {}", t.ip, t.port)).collect();
+            return vec![format!(
+                "meta l4proto {proto} dnat {} to numgen random mod {n} map {}",
+                family.kw(),
+                set_literal(&arms)
+            )];
+        }
         return targets
             .iter()
             .enumerate()
