@@ -97,6 +97,10 @@ struct Dumper {
 }
 
 impl Dumper {
+    fn open(netns: Option<&str>) -> Result<Self, DataPlaneError> {
+        Ok(Self { fd: open_netlink(NETFILTER, netns)?, seq: 0, buf: vec![0; RECV_BUFFER] })
+    }
+
     /// Sends a dump request and folds every answer through `each`; a missing table or set
     /// (`ENOENT`) is an empty dump.
     fn dump(
@@ -133,12 +137,6 @@ impl Dumper {
                 }
             }
         }
-    }
-}
-
-impl Dumper {
-    fn open(netns: Option<&str>) -> Result<Self, DataPlaneError> {
-        Ok(Self { fd: open_netlink(NETFILTER, netns)?, seq: 0, buf: vec![0; RECV_BUFFER] })
     }
 }
 
