@@ -72,11 +72,13 @@ impl Variant {
             Variant::KubeProxyDefaults => "kube-proxy-defaults",
         }
     }
-    /// The nftables table name the proxy uses in both families.
-    fn nft_table(self) -> &'static str {
+    /// What `nft list` shows of the proxy's nftables rules in a family: kube-proxy's one table,
+    /// or all of fleetproxy's (its main table and service shards; nothing else in its namespace
+    /// makes tables).
+    fn nft_listing(self, family: &str) -> Vec<&str> {
         match self {
-            Variant::Fleetproxy => "fleetproxy",
-            _ => "kube-proxy",
+            Variant::Fleetproxy => vec!["list", "ruleset", family],
+            _ => vec!["list", "table", family, "kube-proxy"],
         }
     }
 }
@@ -265,7 +267,7 @@ fn dump_family(netns: &Netns, mode: Mode, variant: Variant, v6: bool) -> Result<
         Mode::Nftables => {
             let family = if v6 { "ip6" } else { "ip" };
             // A table that does not exist yet is an empty ruleset.
-            Ok(netns.run("nft", &["list", "table", family, variant.nft_table()]).unwrap_or_default())
+            Ok(netns.run("nft", &variant.nft_listing(family)).unwrap_or_default())
         }
     }
 }

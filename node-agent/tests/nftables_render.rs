@@ -18,7 +18,9 @@ use fleetproxy_agent::{
     dataplane::{Changes, DataPlane},
     exec::Runner,
     model::{IpFamily, Protocol, ServicePortName},
-    nftables::{KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, render_full, render_partial},
+    nftables::{
+        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, render_full, render_partial,
+    },
     policy::{NodeSettings, ServicePlan, Target},
 };
 use ipnet::IpNet;
@@ -198,17 +200,25 @@ fn golden_partial_sync() {
 
 #[test]
 fn golden_full_sync_deleting_stale_objects() {
-    // A full sync after the partial one, knowing only what the kernel holds: the objects of the
-    // removed service are deleted, the rest redeclared.
+    // A full sync knowing only what the kernel holds: the objects of the removed service with
+    // affinity (endpoint chains and sets, in its shard), of the firewall no longer wanted (main
+    // table) and a shard table beyond the shard count are deleted; the rest is redeclared.
     let before = render_full(&plans_before(), &settings(), &KernelObjects::default());
-    let (after, _) = plans_after();
-    let rendering = render_full(&after, &settings(), &before.state.objects());
+    let (mut after, _) = plans_after();
+    after.retain(|p| p.name.name != "dns");
+    for p in after.iter_mut().filter(|p| p.name.name == "web") {
+        p.load_balancer_source_ranges.clear();
+    }
+    let mut existing = before.state.objects();
+    existing.table_mut(Table::shard(IpFamily::V4, SHARDS)).chains.insert("service-OLD".into());
+    let rendering = render_full(&after, &settings(), &existing);
     let deletes: Vec<&str> = rendering.script.lines().filter(|l| l.starts_with("delete ")).collect();
     golden("nftables-full-stale.nft", &(deletes.join("\n") + "\n"));
+    assert!(deletes.len() >= 6, "{deletes:#?}");
     assert!(
-        deletes.iter().all(|l| l.contains("ns2/empty")
-            || l.contains("ns1/web") && l.contains("__10.244.1.5")
-            || l.contains("ns1/web") && l.contains("__fd00.10..1.5")),
+        deletes.iter().all(|l| l.contains("kube-system/dns")
+            || l.starts_with("delete chain ip fleetproxy firewall-") && l.contains("ns1/web")
+            || *l == format!("delete table ip fleetproxy-services-{SHARDS}")),
         "{deletes:#?}"
     );
 }
@@ -230,12 +240,16 @@ fn masquerade_all_and_node_port_addresses() {
     };
     let script = render_full(&plans_before(), &settings, &KernelObjects::default()).script;
     assert!(script.contains(
-        "add rule ip fleetproxy services ip daddr { 10.1.0.0/16 } fib daddr type local meta l4proto . th dport vmap @service-nodeports"
+        "add rule ip fleetproxy-services-0 services ip daddr { 10.1.0.0/16 } fib daddr type local meta l4proto . th dport vmap @service-nodeports"
     ));
     assert!(script.contains("ip6 daddr { 2001:db8::/64 } fib daddr type local"));
     let service_chain_rule = script
         .lines()
-        .find(|l| l.starts_with("add rule ip fleetproxy service-") && l.contains("ns1/web"))
+        .find(|l| {
+            l.starts_with("add rule ip fleetproxy-services-")
+                && l.split(' ').nth(4).is_some_and(|chain| chain.starts_with("service-"))
+                && l.contains("ns1/web")
+        })
         .expect("web service chain");
     assert!(service_chain_rule.ends_with("jump mark-for-masquerade"), "{service_chain_rule}");
 }

@@ -371,7 +371,7 @@ fn a_partial_update_takes_effect_and_leaves_other_services_alone() {
         ..plan("b", Protocol::Tcp, IpFamily::V4, 80)
     };
     node.sync(&[a.clone(), b.clone()], Changes::Full);
-    let b_chains_before = node.nft(&["list", "table", "ip", "fleetproxy"]);
+    let b_chains_before = node.nft(&["list", "ruleset", "ip"]);
 
     a.cluster_targets = targets(&[node.pod(3)], false, WEB);
     let stats = node.sync(&[a.clone(), b.clone()], Changes::Services(BTreeSet::from([a.name.clone()])));
@@ -382,10 +382,11 @@ fn a_partial_update_takes_effect_and_leaves_other_services_alone() {
     let seen = answers(node.client(0), Proto::Tcp, sa(ip("10.96.0.20"), 80), 40);
     assert_eq!(names(&seen), BTreeSet::from(["pod-1", "pod-2"]));
     // b's chains are byte for byte what they were.
-    let b_chains_after = node.nft(&["list", "table", "ip", "fleetproxy"]);
+    let b_chains_after = node.nft(&["list", "ruleset", "ip"]);
     let of_b = |listing: &str| {
         listing.lines().filter(|l| l.contains("ns/b/")).map(str::to_owned).collect::<Vec<_>>()
     };
+    assert!(!of_b(&b_chains_before).is_empty(), "{b_chains_before}");
     assert_eq!(of_b(&b_chains_before), of_b(&b_chains_after));
 
     // Removing a's endpoints entirely: refused, still partially.

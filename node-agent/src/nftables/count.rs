@@ -9,7 +9,7 @@
 
 use rustix::net::{RecvFlags, SendFlags, netlink::SocketAddrNetlink};
 
-use super::render::{TABLE, static_sets};
+use super::render::Table;
 use crate::{
     dataplane::DataPlaneError,
     ipvs::{
@@ -37,7 +37,7 @@ const RECV_BUFFER: usize = 1 << 20;
 const NETFILTER: rustix::net::Protocol = rustix::net::netlink::NETFILTER;
 
 fn read_back_error(message: impl std::fmt::Display) -> DataPlaneError {
-    DataPlaneError::ReadBack { what: format!("table {TABLE} over netlink"), message: message.to_string() }
+    DataPlaneError::ReadBack { what: "our nftables tables over netlink".into(), message: message.to_string() }
 }
 
 /// A dump request: netlink header, nfgenmsg for `family`, then `(type, string)` attributes.
@@ -140,34 +140,41 @@ impl Dumper {
     }
 }
 
-/// The families (`ip`, `ip6`) in which our table exists, in `netns` (or ours). Blocking.
-pub fn our_tables(netns: Option<&str>) -> Result<Vec<&'static str>, DataPlaneError> {
-    let mut families = Vec::new();
+/// Our tables, in `netns` (or ours). Blocking.
+pub fn our_tables(netns: Option<&str>) -> Result<Vec<Table>, DataPlaneError> {
+    let mut tables = Vec::new();
     Dumper::open(netns)?.dump(NFT_MSG_GETTABLE, None, &[], |af, attrs| {
-        let ours = attributes(attrs).map_err(|e| e.to_string())?.iter().any(|(kind, name)| {
-            *kind == NFTA_TABLE_NAME && name.strip_suffix(b"\0") == Some(TABLE.as_bytes())
-        });
-        match af {
-            AF_INET if ours => families.push("ip"),
-            AF_INET6 if ours => families.push("ip6"),
-            _ => {}
+        let family = match af {
+            AF_INET => "ip",
+            AF_INET6 => "ip6",
+            _ => return Ok(0),
+        };
+        for (kind, name) in attributes(attrs).map_err(|e| e.to_string())? {
+            let name = name.strip_suffix(b"\0").and_then(|n| std::str::from_utf8(n).ok());
+            if let Some(table) =
+                name.filter(|_| kind == NFTA_TABLE_NAME).and_then(|n| Table::parse(family, n))
+            {
+                tables.push(table);
+            }
         }
         Ok(0)
     })?;
-    Ok(families)
+    Ok(tables)
 }
 
-/// Rules and static elements of our table in both families, in `netns` (or ours). Blocking.
+/// Rules and static elements of our tables in both families, in `netns` (or ours). Blocking.
 pub fn count_rules(netns: Option<&str>) -> Result<u64, DataPlaneError> {
     let mut dumper = Dumper::open(netns)?;
     let mut count = 0;
-    for family in [Some(IpFamily::V4), Some(IpFamily::V6)] {
-        count += dumper.dump(NFT_MSG_GETRULE, family, &[(NFTA_RULE_TABLE, TABLE)], |_, _| Ok(1))?;
-        for set in static_sets() {
+    for table in Table::all() {
+        let name = table.name();
+        let family = Some(table.family);
+        count += dumper.dump(NFT_MSG_GETRULE, family, &[(NFTA_RULE_TABLE, &name)], |_, _| Ok(1))?;
+        for set in table.static_sets() {
             count += dumper.dump(
                 NFT_MSG_GETSETELEM,
                 family,
-                &[(NFTA_SET_ELEM_LIST_TABLE, TABLE), (NFTA_SET_ELEM_LIST_SET, set)],
+                &[(NFTA_SET_ELEM_LIST_TABLE, &name), (NFTA_SET_ELEM_LIST_SET, set)],
                 |_, attrs| count_elements(attrs),
             )?;
         }

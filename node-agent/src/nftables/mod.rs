@@ -1,10 +1,11 @@
-//! The nftables data plane: one table of our own per family (`ip fleetproxy`, `ip6 fleetproxy`),
-//! programmed with `nft -f -` in one transaction per sync for both families.
+//! The nftables data plane: tables of our own in each family (`ip fleetproxy` and the service
+//! shards `ip fleetproxy-services-N`, the same in `ip6`), programmed with `nft -f -`: one
+//! transaction per partial sync, a few per full sync.
 //!
 //! [`render`] is the pure part (plans + settings → script, see its docs for the table layout);
 //! [`NftablesProxier`] runs it against the kernel, keeps what it last applied so that the next
 //! partial sync sends only the difference, reads the kernel back for the rule count, and removes
-//! its two tables on clean-up — nothing else.
+//! its tables on clean-up — nothing else.
 
 pub mod count;
 pub mod names;
@@ -16,7 +17,8 @@ use std::time::Instant;
 use fleetproxy_api::ProxyMode;
 
 pub use self::render::{
-    KernelObjects, RenderedState, Rendering, SERVICES_PER_TRANSACTION, TABLE, render_full, render_partial,
+    KernelObjects, RenderedState, Rendering, SERVICES_PER_TRANSACTION, SHARDS, TABLE, Table, render_full,
+    render_partial,
 };
 use crate::{
     dataplane::{Changes, DataPlane, DataPlaneError, SyncStats},
@@ -72,8 +74,8 @@ impl NftablesProxier {
         }
     }
 
-    /// The families our table exists in now.
-    async fn our_tables(&self) -> Result<Vec<&'static str>, DataPlaneError> {
+    /// Our tables in the kernel now.
+    async fn our_tables(&self) -> Result<Vec<Table>, DataPlaneError> {
         let netns = self.runner.netns().map(str::to_owned);
         tokio::task::spawn_blocking(move || count::our_tables(netns.as_deref())).await.map_err(|e| {
             DataPlaneError::ReadBack { what: "nftables tables".into(), message: e.to_string() }
@@ -146,19 +148,15 @@ impl DataPlane for NftablesProxier {
             let _ = done.send(count::count_rules(netns.as_deref()));
         });
         counted.await.map_err(|e| DataPlaneError::ReadBack {
-            what: format!("table {TABLE}"),
+            what: "our nftables tables".into(),
             message: e.to_string(),
         })?
     }
 
     async fn cleanup(&mut self) -> Result<(), DataPlaneError> {
         self.applied = None;
-        let script: String = self
-            .our_tables()
-            .await?
-            .iter()
-            .map(|family| format!("delete table {family} {TABLE}\n"))
-            .collect();
+        let script: String =
+            self.our_tables().await?.iter().map(|table| format!("delete table {table}\n")).collect();
         if !script.is_empty() {
             self.runner.run(NFT, &["-f", "-"], Some(script.as_bytes())).await?;
         }

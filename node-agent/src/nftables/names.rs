@@ -66,6 +66,12 @@ fn endpoint_suffix(ip: IpAddr, port: u16) -> String {
     format!("__{ip}/{port}")
 }
 
+/// Which of `shards` service tables holds a service port's objects: stable across restarts and
+/// releases, so that a restarted agent finds every object where it left it.
+pub fn shard(name: &ServicePortName, shards: u8) -> u8 {
+    u8::try_from(fnv1a(&identity(name)) % u64::from(shards.max(1))).unwrap_or(0)
+}
+
 /// The chain cluster-IP traffic of a service port goes to.
 pub fn service_chain(plan: &ServicePlan) -> String {
     name("service", &identity(&plan.name), &readable_port(plan))

@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::render::{KernelObjects, TABLE};
+use super::render::{KernelObjects, Table};
 
 /// The objects of the `nftables` array of `nft -j` output, in order.
 fn objects(json: &str) -> Result<Vec<Value>, String> {
@@ -15,7 +15,7 @@ fn objects(json: &str) -> Result<Vec<Value>, String> {
     }
 }
 
-/// The names of our chains, sets and maps in both families, from `nft -j` listings of chains,
+/// The names of our chains, sets and maps in all our tables of both families, from `nft -j` listings of chains,
 /// sets and maps (of every table: only ours are kept).
 pub fn kernel_objects(listings: &[String]) -> Result<KernelObjects, String> {
     let mut kernel = KernelObjects::default();
@@ -25,14 +25,10 @@ pub fn kernel_objects(listings: &[String]) -> Result<KernelObjects, String> {
                 Some((kind, value)) => (kind.as_str(), value),
                 None => continue,
             };
-            if value.get("table").and_then(Value::as_str) != Some(TABLE) {
-                continue;
-            }
-            let table = match value.get("family").and_then(Value::as_str) {
-                Some("ip") => &mut kernel.v4,
-                Some("ip6") => &mut kernel.v6,
-                _ => continue,
-            };
+            let family = value.get("family").and_then(Value::as_str).unwrap_or_default();
+            let name = value.get("table").and_then(Value::as_str).unwrap_or_default();
+            let Some(table) = Table::parse(family, name) else { continue };
+            let table = kernel.table_mut(table);
             let Some(name) = value.get("name").and_then(Value::as_str).map(str::to_owned) else { continue };
             match kind {
                 "chain" => table.chains.insert(name),
@@ -48,6 +44,7 @@ pub fn kernel_objects(listings: &[String]) -> Result<KernelObjects, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::IpFamily;
 
     const LISTING: &str = r#"{"nftables": [
       {"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
@@ -69,11 +66,18 @@ mod tests {
         let chains = r#"{"nftables": [{"metainfo": {}},
             {"chain": {"family": "ip", "table": "fleetproxy", "name": "services"}},
             {"chain": {"family": "ip6", "table": "fleetproxy", "name": "services6"}},
+            {"chain": {"family": "ip", "table": "fleetproxy-services-3", "name": "service-B"}},
+            {"chain": {"family": "ip", "table": "fleetproxy-services-12", "name": "old"}},
+            {"chain": {"family": "ip", "table": "fleetproxy-services-03", "name": "not-ours"}},
             {"chain": {"family": "ip", "table": "nat", "name": "POSTROUTING"}}]}"#;
         let k = kernel_objects(&[LISTING.to_owned(), chains.to_owned()]).expect("parses");
-        assert_eq!(k.v4.chains.iter().collect::<Vec<_>>(), ["services"]);
-        assert_eq!(k.v6.chains.iter().collect::<Vec<_>>(), ["services6"]);
-        assert!(k.v4.sets.contains("affinity-X") && k.v4.sets.contains("excluded-cidrs"));
-        assert!(k.v4.maps.contains("service-ips") && k.v4.maps.contains("firewall-ips"));
+        let v4 = k.get(Table::main(IpFamily::V4));
+        assert_eq!(v4.chains.iter().collect::<Vec<_>>(), ["services"]);
+        assert_eq!(k.get(Table::main(IpFamily::V6)).chains.iter().collect::<Vec<_>>(), ["services6"]);
+        assert_eq!(k.get(Table::shard(IpFamily::V4, 3)).chains.iter().collect::<Vec<_>>(), ["service-B"]);
+        assert!(k.get(Table::shard(IpFamily::V4, 12)).chains.contains("old"));
+        assert!(v4.sets.contains("affinity-X") && v4.sets.contains("excluded-cidrs"));
+        assert!(v4.maps.contains("service-ips") && v4.maps.contains("firewall-ips"));
+        assert_eq!(k.tables.len(), 4, "{k:?}");
     }
 }

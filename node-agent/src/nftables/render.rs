@@ -42,8 +42,110 @@ use crate::{
     policy::{NodeSettings, ServicePlan, Target},
 };
 
-/// The name of our table in both families.
+/// The name of our main table in both families; the service ports live in [`SHARDS`] more tables,
+/// `fleetproxy-services-N`.
 pub const TABLE: &str = "fleetproxy";
+const SHARD_PREFIX: &str = "fleetproxy-services-";
+
+/// How many tables the service ports' chains and verdict maps are spread over. Every transaction
+/// that adds a NAT or jump rule makes the kernel re-check every chain reachable from the table's
+/// base chains: at 10,000 service ports in one table that is ~110 ms, for a one-endpoint change.
+/// Spread over 8 tables it is an eighth. A table's nat chain that DNATs a connection ends the
+/// nat hook for it (the kernel skips later nat chains once the mapping is set), so the tables do
+/// not interfere; a connection that no table claims costs one lookup per table, on its first
+/// packet only.
+pub const SHARDS: u8 = 8;
+
+/// One of our tables: the main one of a family (filter checks, masquerading, the maps of refused
+/// destinations and firewalls) or one of its service shards (nat dispatch, service chains).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Table {
+    pub family: IpFamily,
+    pub shard: Option<u8>,
+}
+
+impl Table {
+    pub fn main(family: IpFamily) -> Self {
+        Self { family, shard: None }
+    }
+
+    pub fn shard(family: IpFamily, shard: u8) -> Self {
+        Self { family, shard: Some(shard) }
+    }
+
+    /// Every table we keep, main table first, in both families.
+    pub fn all() -> impl Iterator<Item = Table> {
+        Family::BOTH.into_iter().flat_map(|f| {
+            std::iter::once(Self::main(f.0)).chain((0..SHARDS).map(move |s| Self::shard(f.0, s)))
+        })
+    }
+
+    /// The table's name (without the family).
+    pub fn name(self) -> String {
+        match self.shard {
+            None => TABLE.to_owned(),
+            Some(shard) => format!("{SHARD_PREFIX}{shard}"),
+        }
+    }
+
+    /// `ip` or `ip6`.
+    pub fn family_kw(self) -> &'static str {
+        Family(self.family).kw()
+    }
+
+    /// Our table named `name` in the family `ip`/`ip6`, if it is one of ours (of any shard
+    /// count: a table of a shard no longer kept is still ours to delete).
+    pub fn parse(family: &str, name: &str) -> Option<Self> {
+        let family = match family {
+            "ip" => IpFamily::V4,
+            "ip6" => IpFamily::V6,
+            _ => return None,
+        };
+        if name == TABLE {
+            return Some(Self::main(family));
+        }
+        let shard = name.strip_prefix(SHARD_PREFIX)?;
+        // `0`, `7`, `12`: no sign, no leading zeros, so that one table has one name.
+        if shard.starts_with('+') || (shard.len() > 1 && shard.starts_with('0')) {
+            return None;
+        }
+        shard.parse().ok().map(|s| Self::shard(family, s))
+    }
+
+    /// Whether we keep this table (not a shard beyond [`SHARDS`]).
+    fn is_kept(self) -> bool {
+        self.shard.is_none_or(|s| s < SHARDS)
+    }
+
+    /// The sets the table has, besides the affinity sets of its service ports.
+    fn sets(self) -> &'static [&'static str] {
+        match self.shard {
+            None => &[EXCLUDED, HAIRPIN],
+            Some(_) => &[EXCLUDED],
+        }
+    }
+
+    /// The verdict maps the table has.
+    fn maps(self) -> impl Iterator<Item = VerdictMap> {
+        VerdictMap::ALL.into_iter().filter(move |m| m.in_shard() == self.shard.is_some())
+    }
+
+    /// Our sets and maps in this table whose elements are rules (not clients, as in the affinity
+    /// sets).
+    pub fn static_sets(self) -> impl Iterator<Item = &'static str> {
+        self.sets().iter().copied().chain(self.maps().map(VerdictMap::name))
+    }
+
+    fn syntax(self) -> Family {
+        Family(self.family)
+    }
+}
+
+impl Display for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.family_kw(), self.name())
+    }
+}
 
 const SERVICES: &str = "services";
 const MASQUERADING: &str = "masquerading";
@@ -54,11 +156,6 @@ const SERVICE_ENDPOINTS_CHECK: &str = "service-endpoints-check";
 const NODEPORT_ENDPOINTS_CHECK: &str = "nodeport-endpoints-check";
 const EXCLUDED: &str = "excluded-cidrs";
 const HAIRPIN: &str = "hairpin-connections";
-
-/// Our sets and maps whose elements are rules (not clients, as in the affinity sets).
-pub fn static_sets() -> impl Iterator<Item = &'static str> {
-    [EXCLUDED, HAIRPIN].into_iter().chain(VerdictMap::ALL.map(VerdictMap::name))
-}
 
 /// Priority of the filter base chains: before the nat chains (dstnat, -100), so that the output
 /// hook still sees the service address, and before iptables' filter table.
@@ -96,6 +193,11 @@ impl VerdictMap {
             Self::NoEndpointNodeports => "no-endpoint-nodeports",
             Self::FirewallIps => "firewall-ips",
         }
+    }
+
+    /// Whether the map lives in the service shards (nat dispatch) or in the main table.
+    fn in_shard(self) -> bool {
+        matches!(self, Self::ServiceIps | Self::ServiceNodeports)
     }
 
     fn key_type(self, family: Family) -> String {
@@ -197,21 +299,47 @@ impl PartialEq for ChainRules {
 
 impl Eq for ChainRules {}
 
-/// What one service port in one family contributes to that family's table.
+/// What one service port in one family contributes to that family's tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
-    /// Chains by name, each with its rules in order.
+    /// The service shard that holds its chains, sets and nat dispatch elements.
+    pub shard: u8,
+    /// Chains in the shard by name, each with its rules in order.
     pub chains: BTreeMap<String, ChainRules>,
+    /// The firewall chain (loadBalancerSourceRanges), in the main table: the filter hooks need it.
+    pub firewall: BTreeMap<String, ChainRules>,
     /// Affinity sets by name, with their declaration (`{ type ...; flags ...; timeout ...; }`).
     pub sets: BTreeMap<String, String>,
-    /// Verdict-map elements: (map, key) → verdict.
+    /// Verdict-map elements: (map, key) → verdict. The map says which table ([`VerdictMap::in_shard`]).
     pub elements: BTreeMap<(VerdictMap, String), String>,
-    /// Elements of the `hairpin-connections` set (shared: two service ports may want the same one).
+    /// Elements of the main table's `hairpin-connections` set (shared: two service ports may want
+    /// the same one).
     pub hairpin: BTreeSet<String>,
 }
 
-/// The names of our objects in one family's table: what a full sync must delete if it no longer
-/// wants them. Read from the kernel, or known from the last sync.
+impl ServiceRules {
+    fn shard_table(&self, family: IpFamily) -> Table {
+        Table::shard(family, self.shard)
+    }
+
+    /// The table a map's elements of this service port go to.
+    fn map_table(&self, family: IpFamily, map: VerdictMap) -> Table {
+        if map.in_shard() { self.shard_table(family) } else { Table::main(family) }
+    }
+
+    /// Every chain with the table it lives in.
+    fn all_chains(&self, family: IpFamily) -> impl Iterator<Item = (Table, &String, &ChainRules)> {
+        let shard = self.shard_table(family);
+        let main = Table::main(family);
+        self.chains
+            .iter()
+            .map(move |(n, r)| (shard, n, r))
+            .chain(self.firewall.iter().map(move |(n, r)| (main, n, r)))
+    }
+}
+
+/// The names of our objects in one table: what a full sync must delete if it no longer wants
+/// them. Read from the kernel, or known from the last sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableObjects {
     pub chains: BTreeSet<String>,
@@ -219,19 +347,23 @@ pub struct TableObjects {
     pub maps: BTreeSet<String>,
 }
 
-/// Our objects in both families' tables.
+static NO_OBJECTS: TableObjects =
+    TableObjects { chains: BTreeSet::new(), sets: BTreeSet::new(), maps: BTreeSet::new() };
+
+/// Our tables and their objects, in both families.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelObjects {
-    pub v4: TableObjects,
-    pub v6: TableObjects,
+    pub tables: BTreeMap<Table, TableObjects>,
 }
 
 impl KernelObjects {
-    fn get(&self, family: IpFamily) -> &TableObjects {
-        match family {
-            IpFamily::V4 => &self.v4,
-            IpFamily::V6 => &self.v6,
-        }
+    /// The table's objects; none if the table does not exist.
+    pub fn get(&self, table: Table) -> &TableObjects {
+        self.tables.get(&table).unwrap_or(&NO_OBJECTS)
+    }
+
+    pub fn table_mut(&mut self, table: Table) -> &mut TableObjects {
+        self.tables.entry(table).or_default()
     }
 }
 
@@ -243,23 +375,22 @@ pub struct RenderedState {
 }
 
 impl RenderedState {
-    /// The names of every object this state has in `family`'s table.
+    /// Every object this state has, per table.
     pub fn objects(&self) -> KernelObjects {
         let mut objects = KernelObjects::default();
-        for family in Family::BOTH {
-            let table = match family.0 {
-                IpFamily::V4 => &mut objects.v4,
-                IpFamily::V6 => &mut objects.v6,
-            };
-            table.chains.extend(static_chains(family, &self.settings).into_iter().map(|c| c.name.to_owned()));
-            table.sets.extend([EXCLUDED.to_owned(), HAIRPIN.to_owned()]);
-            table.maps.extend(VerdictMap::ALL.iter().map(|m| m.name().to_owned()));
-            for ((f, _), rules) in &self.services {
-                if *f == family.0 {
-                    table.chains.extend(rules.chains.keys().cloned());
-                    table.sets.extend(rules.sets.keys().cloned());
-                }
+        for table in Table::all() {
+            let objects = objects.table_mut(table);
+            objects
+                .chains
+                .extend(static_chains(table, &self.settings).into_iter().map(|c| c.name.to_owned()));
+            objects.sets.extend(table.sets().iter().map(|s| (*s).to_owned()));
+            objects.maps.extend(table.maps().map(|m| m.name().to_owned()));
+        }
+        for ((family, _), rules) in &self.services {
+            for (table, name, _) in rules.all_chains(*family) {
+                objects.table_mut(table).chains.insert(name.clone());
             }
+            objects.table_mut(rules.shard_table(*family)).sets.extend(rules.sets.keys().cloned());
         }
         objects
     }
@@ -332,15 +463,15 @@ impl Script {
     }
 
     /// `add element` or `delete element` with one element per line, or nothing for no elements.
-    fn elements(&mut self, verb: &str, family: Family, map: VerdictMap, elements: &[String]) {
-        self.set_elements(verb, family, map.name(), elements);
+    fn elements(&mut self, verb: &str, table: Table, map: VerdictMap, elements: &[String]) {
+        self.set_elements(verb, table, map.name(), elements);
     }
 
     /// The same for any set or map by name.
     fn set_elements<T: Display>(
         &mut self,
         verb: &str,
-        family: Family,
+        table: Table,
         set: &str,
         elements: impl IntoIterator<Item = T>,
     ) {
@@ -348,7 +479,7 @@ impl Script {
         if elements.peek().is_none() {
             return;
         }
-        self.line(format_args!("{verb} element {} {TABLE} {set} {{", family.kw()));
+        self.line(format_args!("{verb} element {table} {set} {{"));
         for element in elements {
             self.line(format_args!("\t{element},"));
         }
@@ -364,8 +495,9 @@ struct StaticChain {
     rules: Vec<String>,
 }
 
-/// The chains every table has, with their rules, for these settings.
-fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
+/// The chains `table` always has, with their rules, for these settings.
+fn static_chains(table: Table, settings: &NodeSettings) -> Vec<StaticChain> {
+    let family = table.syntax();
     let ip = family.kw();
     let mark = masquerade_mark(settings);
     let base = |name, kind: &str, hook: &str, priority: String, rules: Vec<String>| StaticChain {
@@ -389,6 +521,25 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
         node_port_match.as_ref().map(|m| format!("{m} meta l4proto . th dport vmap @{}", map.name()))
     };
 
+    if table.shard.is_some() {
+        return vec![
+            base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
+            // nft 1.0.6 knows `dstnat` for prerouting only; -100 is the same priority.
+            base("nat-output", "nat", "output", "-100".into(), vec![format!("jump {SERVICES}")]),
+            chain(
+                SERVICES,
+                [
+                    Some(not_excluded),
+                    Some(lookup(VerdictMap::ServiceIps)),
+                    port_lookup(VerdictMap::ServiceNodeports),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
+            ),
+            chain(MARK_FOR_MASQUERADE, vec![format!("meta mark set meta mark | {mark:#x}")]),
+        ];
+    }
     let filter = FILTER_PRIORITY.to_string();
     vec![
         base("filter-prerouting", "filter", "prerouting", filter.clone(), vec![new(FIREWALL_CHECK)]),
@@ -407,21 +558,7 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
             filter,
             vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)],
         ),
-        base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
-        // nft 1.0.6 knows `dstnat` for prerouting only; -100 is the same priority.
-        base("nat-output", "nat", "output", "-100".into(), vec![format!("jump {SERVICES}")]),
         base("nat-postrouting", "nat", "postrouting", "srcnat".into(), vec![format!("jump {MASQUERADING}")]),
-        chain(
-            SERVICES,
-            [
-                Some(not_excluded.clone()),
-                Some(lookup(VerdictMap::ServiceIps)),
-                port_lookup(VerdictMap::ServiceNodeports),
-            ]
-            .into_iter()
-            .flatten()
-            .collect(),
-        ),
         chain(
             MASQUERADING,
             vec![
@@ -433,7 +570,6 @@ fn static_chains(family: Family, settings: &NodeSettings) -> Vec<StaticChain> {
                 "masquerade fully-random".into(),
             ],
         ),
-        chain(MARK_FOR_MASQUERADE, vec![format!("meta mark set meta mark | {mark:#x}")]),
         chain(REJECT, vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()]),
         chain(FIREWALL_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::FirewallIps)]),
         chain(SERVICE_ENDPOINTS_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::NoEndpointServices)]),
@@ -520,7 +656,7 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     let ip = family.kw();
     let proto = plan.protocol.as_str();
     let cluster_cidrs = family.nets(&settings.cluster_cidrs);
-    let mut out = ServiceRules::default();
+    let mut out = ServiceRules { shard: names::shard(&plan.name, SHARDS), ..ServiceRules::default() };
 
     let targets = plan.all_targets();
     out.hairpin = targets
@@ -627,7 +763,7 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     if !ranges.is_empty() && !plan.load_balancer_ips.is_empty() {
         let chain = names::firewall_chain(plan);
         let drop = vec![format!("{ip} saddr != {} drop", set_literal(&ranges))];
-        out.chains.insert(chain.clone(), ChainRules::new(drop));
+        out.firewall.insert(chain.clone(), ChainRules::new(drop));
         for addr in &plan.load_balancer_ips {
             out.elements.insert((VerdictMap::FirewallIps, key(addr)), format!("goto {chain}"));
         }
@@ -640,7 +776,7 @@ fn without_text(
     mut services: BTreeMap<(IpFamily, ServicePortName), ServiceRules>,
 ) -> BTreeMap<(IpFamily, ServicePortName), ServiceRules> {
     for rules in services.values_mut() {
-        rules.chains.values_mut().for_each(ChainRules::forget_text);
+        rules.chains.values_mut().chain(rules.firewall.values_mut()).for_each(ChainRules::forget_text);
     }
     services
 }
@@ -668,84 +804,88 @@ pub const SERVICES_PER_TRANSACTION: usize = 400;
 /// How many elements of a new set or map one transaction of a full sync carries at most.
 const ELEMENTS_PER_TRANSACTION: usize = 4000;
 
-/// Rewrites both tables. `existing` names what the kernel holds now, so that objects no longer
+/// Rewrites every table. `existing` names what the kernel holds now, so that objects no longer
 /// wanted are deleted; everything else is redeclared, flushed and refilled. Affinity sets that are
 /// still wanted keep their clients.
 ///
-/// The script is cut into transactions ([`Rendering::transactions`]) that each leave a working
-/// table: first the table, its sets and maps and the static chains; then the service ports' chains,
-/// [`SERVICES_PER_TRANSACTION`] at a time, each chain flushed and refilled in one transaction (a
-/// new chain is unreachable until the maps point at it); last, the maps and sets are flushed and
-/// refilled together and what is no longer wanted is deleted. The table is never flushed as a
-/// whole, so no packet meets an empty chain of a live service between two transactions.
+/// The script is cut into transactions ([`Rendering::transactions`]) that each leave working
+/// tables: first the tables, their sets and maps and static chains; then the service ports'
+/// chains, shard by shard, [`SERVICES_PER_TRANSACTION`] at a time, each chain flushed and refilled
+/// in one transaction (a new chain is unreachable until the maps point at it); then each table's
+/// maps and sets, flushed and refilled together; last, what is no longer wanted is deleted. No
+/// table is flushed as a whole, so no packet meets an empty chain of a live service between two
+/// transactions, and a transaction that changes chains touches one shard (the kernel re-checks
+/// the tables a transaction changes, see [`SHARDS`]).
 ///
-/// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order.
+/// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order
+/// within a table; across shards, to the shard whose nat chain runs first.
 pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
     let services = render_services(plans, settings, None);
-    let of_family = |family: Family| -> Vec<&ServiceRules> {
-        services.iter().filter(|((f, _), _)| *f == family.0).map(|(_, r)| r).collect()
+    let in_table = |table: Table| -> Vec<&ServiceRules> {
+        services
+            .iter()
+            .filter(|((f, _), r)| *f == table.family && table.shard.is_none_or(|s| s == r.shard))
+            .map(|(_, r)| r)
+            .collect()
     };
     let mut script = Script::default();
 
-    // The table, its sets, maps and static chains.
-    for family in Family::BOTH {
-        let ip = family.kw();
-        let existing = existing.get(family.0);
-        script
-            .line(format_args!("add table {ip} {TABLE} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
-        script.line(format_args!(
-            "add set {ip} {TABLE} {EXCLUDED} {{ type {}; flags interval; }}",
-            family.addr_type()
-        ));
-        script.line(format_args!("add set {ip} {TABLE} {HAIRPIN} {{ type {}; }}", family.hairpin_type()));
-        for map in VerdictMap::ALL {
+    // The tables, their sets, maps and static chains.
+    for table in Table::all() {
+        let family = table.syntax();
+        let existing = existing.get(table);
+        script.line(format_args!("add table {table} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
+        for set in table.sets() {
+            let key = if *set == HAIRPIN { family.hairpin_type() } else { family.addr_type().to_owned() };
+            let flags = if *set == EXCLUDED { " flags interval;" } else { "" };
+            script.line(format_args!("add set {table} {set} {{ type {key};{flags} }}"));
+        }
+        for map in table.maps() {
             script.line(format_args!(
-                "add map {ip} {TABLE} {} {{ type {} : verdict; }}",
+                "add map {table} {} {{ type {} : verdict; }}",
                 map.name(),
                 map.key_type(family)
             ));
         }
-        let statics = static_chains(family, settings);
+        let statics = static_chains(table, settings);
         for chain in &statics {
             match &chain.hook {
-                Some(hook) => script.line(format_args!("add chain {ip} {TABLE} {} {{ {hook} }}", chain.name)),
+                Some(hook) => script.line(format_args!("add chain {table} {} {{ {hook} }}", chain.name)),
                 None if existing.chains.contains(chain.name) => {}
-                None => script.line(format_args!("add chain {ip} {TABLE} {}", chain.name)),
+                None => script.line(format_args!("add chain {table} {}", chain.name)),
             }
         }
         for chain in &statics {
             if existing.chains.contains(chain.name) {
-                script.line(format_args!("flush chain {ip} {TABLE} {}", chain.name));
+                script.line(format_args!("flush chain {table} {}", chain.name));
             }
             for rule in &chain.rules {
-                script.line(format_args!("add rule {ip} {TABLE} {} {rule}", chain.name));
+                script.line(format_args!("add rule {table} {} {rule}", chain.name));
             }
         }
     }
     script.cut();
 
-    // The service ports' chains, a batch per transaction. Chains that exist already are flushed,
-    // not redeclared: redeclaring thousands of chains costs the kernel more than their rules. (If
-    // `existing` is wrong, the transaction fails, and the next full sync reads the names from the
-    // kernel.)
-    for family in Family::BOTH {
-        let ip = family.kw();
-        let existing = existing.get(family.0);
-        for batch in of_family(family).chunks(SERVICES_PER_TRANSACTION) {
+    // The service ports' chains, a batch of one shard per transaction. Chains that exist already
+    // are flushed, not redeclared: redeclaring thousands of chains costs the kernel more than
+    // their rules. (If `existing` is wrong, the transaction fails, and the next full sync reads
+    // the names from the kernel.)
+    for table in Table::all().filter(|t| t.shard.is_some()) {
+        for batch in in_table(table).chunks(SERVICES_PER_TRANSACTION) {
             for rules in batch {
                 for (name, declaration) in &rules.sets {
-                    script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
+                    script.line(format_args!("add set {table} {name} {declaration}"));
                 }
-                for name in rules.chains.keys() {
-                    if existing.chains.contains(name) {
-                        script.line(format_args!("flush chain {ip} {TABLE} {name}"));
+                for (table, name, _) in rules.all_chains(table.family) {
+                    if existing.get(table).chains.contains(name) {
+                        script.line(format_args!("flush chain {table} {name}"));
                     } else {
-                        script.line(format_args!("add chain {ip} {TABLE} {name}"));
+                        script.line(format_args!("add chain {table} {name}"));
                     }
                 }
-                for (name, chain) in &rules.chains {
+                for (table, name, chain) in rules.all_chains(table.family) {
                     for rule in &chain.rules {
-                        script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
+                        script.line(format_args!("add rule {table} {name} {rule}"));
                     }
                 }
             }
@@ -753,68 +893,77 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         }
     }
 
-    // Maps and sets: refilled at once where they exist (so that no lookup misses in between), in
-    // batches where they are new (a service is reachable once its element is in).
-    for family in Family::BOTH {
-        let ip = family.kw();
-        let of_family = of_family(family);
-        let existing = existing.get(family.0);
-        let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
-        let hairpin: BTreeSet<&String> = of_family.iter().flat_map(|r| &r.hairpin).collect();
+    // Maps and sets, table by table: refilled at once where they exist (so that no lookup misses
+    // in between), in batches where they are new (a service is reachable once its element is in).
+    for table in Table::all() {
+        let family = table.syntax();
+        let in_table = in_table(table);
+        let existing = existing.get(table);
         // Elements, first claim wins.
         let mut maps: BTreeMap<VerdictMap, BTreeMap<&str, &str>> = BTreeMap::new();
-        for rules in &of_family {
+        for rules in &in_table {
             for ((map, key), verdict) in &rules.elements {
-                maps.entry(*map).or_default().entry(key.as_str()).or_insert(verdict.as_str());
+                if map.in_shard() == table.shard.is_some() {
+                    maps.entry(*map).or_default().entry(key.as_str()).or_insert(verdict.as_str());
+                }
             }
         }
         let mut fill = |kind: &str, name: &str, known: &BTreeSet<String>, elements: Vec<String>| {
             if known.contains(name) {
-                script.line(format_args!("flush {kind} {ip} {TABLE} {name}"));
-                script.set_elements("add", family, name, &elements);
+                script.line(format_args!("flush {kind} {table} {name}"));
+                script.set_elements("add", table, name, &elements);
             } else {
                 for batch in elements.chunks(ELEMENTS_PER_TRANSACTION) {
-                    script.set_elements("add", family, name, batch);
+                    script.set_elements("add", table, name, batch);
                     script.cut();
                 }
             }
         };
+        let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
         fill("set", EXCLUDED, &existing.sets, excluded.iter().map(ToString::to_string).collect());
-        fill("set", HAIRPIN, &existing.sets, hairpin.iter().map(ToString::to_string).collect());
-        for map in VerdictMap::ALL {
+        if table.shard.is_none() {
+            let hairpin: BTreeSet<&String> = in_table.iter().flat_map(|r| &r.hairpin).collect();
+            fill("set", HAIRPIN, &existing.sets, hairpin.iter().map(ToString::to_string).collect());
+        }
+        for map in table.maps() {
             let elements = maps.get(&map).into_iter().flatten().map(|(k, v)| format!("{k} : {v}")).collect();
             fill("map", map.name(), &existing.maps, elements);
         }
+        script.cut();
     }
-    script.cut();
 
-    for family in Family::BOTH {
-        let ip = family.kw();
-        let of_family = of_family(family);
-        let existing = existing.get(family.0);
-        // What the kernel holds and we no longer want: the maps no longer point at these chains;
-        // they are flushed first, since they may jump to each other.
+    // What the kernel holds and we no longer want: the maps no longer point at these chains; they
+    // are flushed first, since they may jump to each other.
+    for (&table, existing) in &existing.tables {
+        if !table.is_kept() {
+            script.line(format_args!("delete table {table}"));
+            continue;
+        }
         let mut wanted_chains: BTreeSet<&str> =
-            static_chains(family, settings).iter().map(|c| c.name).collect();
-        let mut wanted_sets: BTreeSet<&str> = BTreeSet::from([EXCLUDED, HAIRPIN]);
-        for rules in &of_family {
-            wanted_chains.extend(rules.chains.keys().map(String::as_str));
-            wanted_sets.extend(rules.sets.keys().map(String::as_str));
+            static_chains(table, settings).iter().map(|c| c.name).collect();
+        let mut wanted_sets: BTreeSet<&str> = table.sets().iter().copied().collect();
+        for rules in in_table(table) {
+            wanted_chains.extend(
+                rules.all_chains(table.family).filter(|(t, ..)| *t == table).map(|(_, n, _)| n.as_str()),
+            );
+            if table.shard.is_some() {
+                wanted_sets.extend(rules.sets.keys().map(String::as_str));
+            }
         }
         let stale_chains: Vec<&String> =
             existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())).collect();
         for chain in &stale_chains {
-            script.line(format_args!("flush chain {ip} {TABLE} {chain}"));
+            script.line(format_args!("flush chain {table} {chain}"));
         }
         for chain in &stale_chains {
-            script.line(format_args!("delete chain {ip} {TABLE} {chain}"));
+            script.line(format_args!("delete chain {table} {chain}"));
         }
         for set in existing.sets.iter().filter(|s| !wanted_sets.contains(s.as_str())) {
-            script.line(format_args!("delete set {ip} {TABLE} {set}"));
+            script.line(format_args!("delete set {table} {set}"));
         }
-        let wanted_maps: BTreeSet<&str> = VerdictMap::ALL.iter().map(|m| m.name()).collect();
+        let wanted_maps: BTreeSet<&str> = table.maps().map(VerdictMap::name).collect();
         for map in existing.maps.iter().filter(|m| !wanted_maps.contains(m.as_str())) {
-            script.line(format_args!("delete map {ip} {TABLE} {map}"));
+            script.line(format_args!("delete map {table} {map}"));
         }
     }
     script.cut();
@@ -824,6 +973,60 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         script: script.text,
         state: RenderedState { settings: settings.clone(), services: without_text(services) },
         full: true,
+    }
+}
+
+/// What a partial sync changes in one table.
+#[derive(Default)]
+struct TableChanges<'a> {
+    add_sets: Vec<(&'a String, &'a String)>,
+    new_chains: Vec<(&'a String, &'a ChainRules)>,
+    rewrite_chains: Vec<(&'a String, &'a ChainRules)>,
+    delete_elements: BTreeMap<VerdictMap, Vec<String>>,
+    add_elements: BTreeMap<VerdictMap, Vec<String>>,
+    add_hairpin: BTreeSet<&'a String>,
+    delete_hairpin: BTreeSet<&'a String>,
+    delete_chains: Vec<&'a String>,
+    delete_sets: Vec<&'a String>,
+}
+
+impl TableChanges<'_> {
+    /// The commands, in an order the kernel accepts: what is referred to exists before the
+    /// reference and goes after it.
+    fn write(&self, table: Table, script: &mut Script) {
+        for (name, declaration) in &self.add_sets {
+            script.line(format_args!("add set {table} {name} {declaration}"));
+        }
+        for (name, _) in &self.new_chains {
+            script.line(format_args!("add chain {table} {name}"));
+        }
+        for (name, _) in &self.rewrite_chains {
+            script.line(format_args!("flush chain {table} {name}"));
+        }
+        for (name, rules) in self.new_chains.iter().chain(&self.rewrite_chains) {
+            for rule in &rules.rules {
+                script.line(format_args!("add rule {table} {name} {rule}"));
+            }
+        }
+        // Removals before additions: a key whose verdict changed is deleted, then re-added.
+        for (map, keys) in &self.delete_elements {
+            script.elements("delete", table, *map, keys);
+        }
+        for (map, elements) in &self.add_elements {
+            script.elements("add", table, *map, elements);
+        }
+        script.set_elements("delete", table, HAIRPIN, &self.delete_hairpin);
+        script.set_elements("add", table, HAIRPIN, &self.add_hairpin);
+        // Chains go before sets: a chain being deleted may still refer to a set being deleted.
+        for name in &self.delete_chains {
+            script.line(format_args!("flush chain {table} {name}"));
+        }
+        for name in &self.delete_chains {
+            script.line(format_args!("delete chain {table} {name}"));
+        }
+        for name in &self.delete_sets {
+            script.line(format_args!("delete set {table} {name}"));
+        }
     }
 }
 
@@ -843,19 +1046,11 @@ pub fn render_partial(
     let mut state = previous;
     let mut script = Script::default();
     let empty = ServiceRules::default();
+    let mut ops: BTreeMap<Table, TableChanges<'_>> = BTreeMap::new();
 
-    for family in Family::BOTH {
-        let ip = family.kw();
+    for family in Family::BOTH.map(|f| f.0) {
         let keys: BTreeSet<(IpFamily, ServicePortName)> =
-            changed.iter().map(|n| (family.0, n.clone())).collect();
-
-        let mut add_sets = Vec::new();
-        let mut new_chains = Vec::new();
-        let mut rewrite_chains = Vec::new();
-        let mut delete_elements: BTreeMap<VerdictMap, Vec<String>> = BTreeMap::new();
-        let mut add_elements: BTreeMap<VerdictMap, Vec<String>> = BTreeMap::new();
-        let mut delete_chains = Vec::new();
-        let mut delete_sets = Vec::new();
+            changed.iter().map(|n| (family, n.clone())).collect();
         let mut add_hairpin: BTreeSet<&String> = BTreeSet::new();
         let mut delete_hairpin: BTreeSet<&String> = BTreeSet::new();
 
@@ -864,28 +1059,39 @@ pub fn render_partial(
             let new = fresh.get(key).unwrap_or(&empty);
             for (name, declaration) in &new.sets {
                 if !old.sets.contains_key(name) {
-                    add_sets.push((name, declaration));
+                    ops.entry(new.shard_table(family)).or_default().add_sets.push((name, declaration));
                 }
             }
-            for (name, rules) in &new.chains {
-                match old.chains.get(name) {
-                    None => new_chains.push((name, rules)),
-                    Some(old_rules) if old_rules != rules => rewrite_chains.push((name, rules)),
+            let old_chains: BTreeMap<(Table, &String), &ChainRules> =
+                old.all_chains(family).map(|(t, n, r)| ((t, n), r)).collect();
+            for (table, name, rules) in new.all_chains(family) {
+                let changes = ops.entry(table).or_default();
+                match old_chains.get(&(table, name)) {
+                    None => changes.new_chains.push((name, rules)),
+                    Some(old_rules) if *old_rules != rules => changes.rewrite_chains.push((name, rules)),
                     Some(_) => {}
                 }
             }
+            let new_chains: BTreeSet<(Table, &String)> =
+                new.all_chains(family).map(|(t, n, _)| (t, n)).collect();
+            for (table, name) in old_chains.keys().filter(|k| !new_chains.contains(k)) {
+                ops.entry(*table).or_default().delete_chains.push(name);
+            }
             for ((map, k), verdict) in &old.elements {
                 if new.elements.get(&(*map, k.clone())) != Some(verdict) {
-                    delete_elements.entry(*map).or_default().push(k.clone());
+                    let changes = ops.entry(old.map_table(family, *map)).or_default();
+                    changes.delete_elements.entry(*map).or_default().push(k.clone());
                 }
             }
             for ((map, k), verdict) in &new.elements {
                 if old.elements.get(&(*map, k.clone())) != Some(verdict) {
-                    add_elements.entry(*map).or_default().push(format!("{k} : {verdict}"));
+                    let changes = ops.entry(new.map_table(family, *map)).or_default();
+                    changes.add_elements.entry(*map).or_default().push(format!("{k} : {verdict}"));
                 }
             }
-            delete_chains.extend(old.chains.keys().filter(|c| !new.chains.contains_key(*c)));
-            delete_sets.extend(old.sets.keys().filter(|s| !new.sets.contains_key(*s)));
+            for set in old.sets.keys().filter(|s| !new.sets.contains_key(*s)) {
+                ops.entry(old.shard_table(family)).or_default().delete_sets.push(set);
+            }
             add_hairpin.extend(new.hairpin.difference(&old.hairpin));
             delete_hairpin.extend(old.hairpin.difference(&new.hairpin));
         }
@@ -896,44 +1102,18 @@ pub fn render_partial(
                     || state
                         .services
                         .iter()
-                        .any(|(k, r)| k.0 == family.0 && !keys.contains(k) && r.hairpin.contains(e))
+                        .any(|(k, r)| k.0 == family && !keys.contains(k) && r.hairpin.contains(e))
             };
             delete_hairpin.retain(|e| !still_wanted(e));
         }
-
-        for (name, declaration) in add_sets {
-            script.line(format_args!("add set {ip} {TABLE} {name} {declaration}"));
+        if !(add_hairpin.is_empty() && delete_hairpin.is_empty()) {
+            let changes = ops.entry(Table::main(family)).or_default();
+            changes.add_hairpin = add_hairpin;
+            changes.delete_hairpin = delete_hairpin;
         }
-        for (name, _) in &new_chains {
-            script.line(format_args!("add chain {ip} {TABLE} {name}"));
-        }
-        for (name, _) in &rewrite_chains {
-            script.line(format_args!("flush chain {ip} {TABLE} {name}"));
-        }
-        for (name, rules) in new_chains.iter().chain(&rewrite_chains) {
-            for rule in &rules.rules {
-                script.line(format_args!("add rule {ip} {TABLE} {name} {rule}"));
-            }
-        }
-        // Removals before additions: a key whose verdict changed is deleted, then re-added.
-        for (map, keys) in &delete_elements {
-            script.elements("delete", family, *map, keys);
-        }
-        for (map, elements) in &add_elements {
-            script.elements("add", family, *map, elements);
-        }
-        script.set_elements("delete", family, HAIRPIN, &delete_hairpin);
-        script.set_elements("add", family, HAIRPIN, &add_hairpin);
-        // Chains go before sets: a chain being deleted may still refer to a set being deleted.
-        for name in &delete_chains {
-            script.line(format_args!("flush chain {ip} {TABLE} {name}"));
-        }
-        for name in &delete_chains {
-            script.line(format_args!("delete chain {ip} {TABLE} {name}"));
-        }
-        for name in &delete_sets {
-            script.line(format_args!("delete set {ip} {TABLE} {name}"));
-        }
+    }
+    for (table, changes) in &ops {
+        changes.write(*table, &mut script);
     }
 
     // The new state: the changed service ports' rules replace (or remove) their old ones.
