@@ -11,6 +11,7 @@ pub mod count;
 pub mod names;
 pub mod readback;
 pub mod render;
+pub mod ruleset;
 
 use std::time::Instant;
 
