@@ -19,7 +19,8 @@ use fleetproxy_agent::{
     exec::Runner,
     model::{IpFamily, Protocol, ServicePortName},
     nftables::{
-        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, render_full, render_partial,
+        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, render::script, render_full,
+        render_partial,
     },
     policy::{NodeSettings, ServicePlan, Target},
 };
@@ -183,8 +184,8 @@ fn golden(file: &str, actual: &str) {
 fn golden_full_sync() {
     let rendering = render_full(&plans_before(), &settings(), &KernelObjects::default());
     assert!(rendering.full);
-    assert_eq!(rendering.lines, rendering.script.lines().count());
-    golden("nftables-full.nft", &rendering.script);
+    assert_eq!(rendering.lines, rendering.script().lines().count());
+    golden("nftables-full.nft", &rendering.script());
 }
 
 #[test]
@@ -193,7 +194,7 @@ fn golden_partial_sync() {
     let (after, changed) = plans_after();
     let partial = render_partial(before.state.clone(), &after, &changed);
     assert!(!partial.full);
-    golden("nftables-partial.nft", &partial.script);
+    golden("nftables-partial.nft", &partial.script());
     // The state a partial sync leads to is the one a full rendering of the same plans has.
     assert_eq!(partial.state, render_full(&after, &settings(), &KernelObjects::default()).state);
 }
@@ -212,7 +213,8 @@ fn golden_full_sync_deleting_stale_objects() {
     let mut existing = before.state.objects();
     existing.table_mut(Table::shard(IpFamily::V4, SHARDS)).chains.insert("service-OLD".into());
     let rendering = render_full(&after, &settings(), &existing);
-    let deletes: Vec<&str> = rendering.script.lines().filter(|l| l.starts_with("delete ")).collect();
+    let text = rendering.script();
+    let deletes: Vec<&str> = text.lines().filter(|l| l.starts_with("delete ")).collect();
     golden("nftables-full-stale.nft", &(deletes.join("\n") + "\n"));
     assert!(deletes.len() >= 6, "{deletes:#?}");
     assert!(
@@ -228,7 +230,7 @@ fn unchanged_services_render_nothing() {
     let before = render_full(&plans_before(), &settings(), &KernelObjects::default());
     let changed = plans_before().into_iter().map(|p| p.name).collect();
     let partial = render_partial(before.state.clone(), &plans_before(), &changed);
-    assert!(partial.is_empty(), "{}", partial.script);
+    assert!(partial.is_empty(), "{}", partial.script());
 }
 
 #[test]
@@ -238,11 +240,11 @@ fn masquerade_all_and_node_port_addresses() {
         node_port_addresses: vec![net("10.1.0.0/16"), net("2001:db8::/64")],
         ..settings()
     };
-    let script = render_full(&plans_before(), &settings, &KernelObjects::default()).script;
+    let script = render_full(&plans_before(), &settings, &KernelObjects::default()).script();
     assert!(script.contains(
-        "add rule ip fleetproxy-services-0 services ip daddr { 10.1.0.0/16 } fib daddr type local meta l4proto . th dport vmap @service-nodeports"
+        "add rule ip fleetproxy-services-0 services ip daddr 10.1.0.0/16 fib daddr type local meta l4proto . th dport vmap @service-nodeports"
     ));
-    assert!(script.contains("ip6 daddr { 2001:db8::/64 } fib daddr type local"));
+    assert!(script.contains("ip6 daddr 2001:db8::/64 fib daddr type local"));
     let service_chain_rule = script
         .lines()
         .find(|l| {
@@ -354,26 +356,26 @@ impl Drop for Scratch {
 fn kernel_accepts_full_and_partial_scripts() {
     let ns = Scratch::new("check");
     let full = render_full(&plans_before(), &settings(), &KernelObjects::default());
-    ns.check(&full.script);
-    ns.apply(&full.script);
+    ns.check(&full.script());
+    ns.apply(&full.script());
     // Applying the same full sync again on a programmed kernel (an agent restart) is accepted.
     let again = render_full(&plans_before(), &settings(), &full.state.objects());
-    ns.apply(&again.script);
+    ns.apply(&again.script());
 
     let (after, changed) = plans_after();
     let partial = render_partial(full.state.clone(), &after, &changed);
-    ns.check(&partial.script);
-    ns.apply(&partial.script);
+    ns.check(&partial.script());
+    ns.apply(&partial.script());
 
     // The kernel after the partial sync is what a fresh full sync of the new plans gives.
     let reference = Scratch::new("ref");
-    reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script);
+    reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script());
     assert_eq!(ns.snapshot(), reference.snapshot());
 
     // A full sync that must delete stale objects, from a kernel holding the old plans.
     let stale = Scratch::new("stale");
-    stale.apply(&full.script);
-    stale.apply(&render_full(&after, &settings(), &full.state.objects()).script);
+    stale.apply(&full.script());
+    stale.apply(&render_full(&after, &settings(), &full.state.objects()).script());
     assert_eq!(stale.snapshot(), reference.snapshot());
 }
 
@@ -404,14 +406,14 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     let pieces = full.transactions(1);
     // Head, five batches of services, the new maps' and sets' elements, deletions.
     assert!(pieces.len() >= 7, "{} transactions", pieces.len());
-    assert_eq!(pieces.concat(), full.script);
-    assert_eq!(full.transactions(usize::MAX), vec![full.script.as_str()]);
+    assert_eq!(pieces.concat(), full.commands);
+    assert_eq!(full.transactions(usize::MAX), vec![full.commands.as_slice()]);
 
     let whole = Scratch::new("whole");
-    whole.apply(&full.script);
+    whole.apply(&full.script());
     let cut = Scratch::new("cut");
     for piece in &pieces {
-        cut.apply(piece);
+        cut.apply(&script(piece));
     }
     assert_eq!(cut.snapshot(), whole.snapshot());
 
@@ -419,10 +421,10 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     let after = many_plans(SERVICES_PER_TRANSACTION as u32 + 10, 1);
     let resync = render_full(&after, &settings(), &full.state.objects());
     for piece in resync.transactions(1) {
-        cut.apply(piece);
+        cut.apply(&script(piece));
     }
     let reference = Scratch::new("cutref");
-    reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script);
+    reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script());
     assert_eq!(cut.snapshot(), reference.snapshot());
 }
 
@@ -443,14 +445,15 @@ fn a_large_service_dnats_through_one_map_in_both_families() {
         },
     ];
     let full = render_full(&plans, &settings(), &KernelObjects::default());
-    let maps: Vec<&str> = full.script.lines().filter(|l| l.contains("numgen random mod 40 map {")).collect();
-    assert_eq!(maps.len(), 2, "{}", full.script);
+    let text = full.script();
+    let maps: Vec<&str> = text.lines().filter(|l| l.contains("numgen random mod 40 map {")).collect();
+    assert_eq!(maps.len(), 2, "{text}");
     assert!(maps[0].contains("dnat ip to") && maps[0].contains("39 : 10.244.9.39 . 8080"));
     assert!(maps[1].contains("dnat ip6 to"));
-    assert!(!full.script.contains("numgen random mod 39 0"), "no cascade above the limit");
+    assert!(!full.script().contains("numgen random mod 39 0"), "no cascade above the limit");
     let ns = Scratch::new("bigmap");
-    ns.check(&full.script);
-    ns.apply(&full.script);
+    ns.check(&full.script());
+    ns.apply(&full.script());
 }
 
 #[tokio::test]
@@ -465,7 +468,7 @@ async fn proxier_syncs_reads_back_and_cleans_up_in_a_netns() {
     assert!(stats.full && stats.payload_size > 0);
     let count = proxier.rule_count().await.expect("rule count");
     // Every rule and every static element: matches what was rendered.
-    let rendered = render_full(&plans_before(), &settings(), &KernelObjects::default()).script;
+    let rendered = render_full(&plans_before(), &settings(), &KernelObjects::default()).script();
     let rules = rendered.lines().filter(|l| l.starts_with("add rule ")).count() as u64;
     let elements = rendered.lines().filter(|l| l.starts_with('\t')).count() as u64;
     assert_eq!(count, rules + elements);

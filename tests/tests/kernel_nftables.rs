@@ -518,9 +518,9 @@ fn scale_1000_services_10_endpoints() {
     let started = Instant::now();
     let full = render_full(&plans, &settings, &KernelObjects::default());
     let render = started.elapsed();
-    println!("render full: {render:?} ({} lines, {} bytes)", full.lines, full.script.len());
+    println!("render full: {render:?} ({} lines, {} bytes)", full.lines, full.script().len());
     if let Ok(path) = std::env::var("FLEETPROXY_SCALE_SCRIPT") {
-        std::fs::write(&path, &full.script).expect("write the script");
+        std::fs::write(&path, full.script()).expect("write the script");
         return;
     }
 

@@ -130,7 +130,8 @@ impl DataPlane for NftablesProxier {
         let started = Instant::now();
         for transaction in rendering.transactions(LINES_PER_TRANSACTION) {
             // A refused transaction leaves `applied` empty: the next sync is a full one.
-            self.runner.run(NFT, &["-f", "-"], Some(transaction.as_bytes())).await?;
+            let script = render::script(transaction);
+            self.runner.run(NFT, &["-f", "-"], Some(script.as_bytes())).await?;
         }
         let apply = started.elapsed();
         self.applied = Some(rendering.state);

@@ -1,44 +1,49 @@
-//! The pure renderer: service plans + node settings → an `nft -f` script.
+//! The pure renderer: service plans + node settings → the commands of a sync
+//! ([`super::ruleset::Command`]), cut into transactions.
 //!
-//! Layout of each family's table (`table ip fleetproxy`, `table ip6 fleetproxy`), after kube-proxy's
-//! nftables proxier:
+//! Layout, after kube-proxy's nftables proxier, in each family (`ip`, `ip6`) over a main table
+//! `fleetproxy` and [`SHARDS`] service tables `fleetproxy-services-N` (a service port's shard is
+//! a stable hash of its name):
 //!
-//! - base chains `nat-prerouting`/`nat-output` (priority dstnat) → `services`, `nat-postrouting`
-//!   (srcnat) → `masquerading`; `filter-prerouting`/`-input`/`-forward`/`-output` (priority -110,
-//!   before DNAT on output) for the checks that must drop or reject, which nat chains cannot;
-//! - `services` classifies new connections with two verdict maps: `service-ips`
-//!   (`address . protocol . port` of cluster, external and load-balancer IPs) and `service-nodeports`
-//!   (`protocol . port`, on local addresses only);
-//! - per service port: a `service-…` chain (cluster traffic) and an `external-…` chain (node port,
-//!   external and load-balancer traffic, with externalTrafficPolicy applied) that DNAT themselves
-//!   (see [`balance`]), and a `firewall-…` chain for loadBalancerSourceRanges. Only
-//!   sessionAffinity ClientIP needs a chain per endpoint (`endpoint-…`, picked by
-//!   `numgen random mod N vmap`) with an `affinity-…` set of its clients. Without per-endpoint
-//!   chains and without per-service sets a full sync is one table, a few maps and
-//!   chains of plain rules, and an endpoint change rewrites one chain;
+//! - in each shard, base chains `nat-prerouting`/`nat-output` (priority dstnat) → `services`, which
+//!   classifies new connections with two verdict maps: `service-ips` (`address . protocol . port`
+//!   of cluster, external and load-balancer IPs) and `service-nodeports` (`protocol . port`, on
+//!   local addresses only);
+//! - per service port, in its shard: a `service-…` chain (cluster traffic) and an `external-…`
+//!   chain (node port, external and load-balancer traffic, with externalTrafficPolicy applied) that
+//!   DNAT themselves (see [`balance`]). Only sessionAffinity ClientIP needs a chain per endpoint
+//!   (`endpoint-…`, picked by `numgen random mod N vmap`) with an `affinity-…` set of its clients.
+//!   Without per-endpoint chains and without per-service sets an endpoint change rewrites one chain;
+//! - in the main table, `nat-postrouting` (srcnat) → `masquerading`, and
+//!   `filter-prerouting`/`-input`/`-forward`/`-output` (priority -110, before DNAT on output) for
+//!   the checks that must drop or reject, which nat chains cannot: `firewall-…` chains for
+//!   loadBalancerSourceRanges (by the `firewall-ips` map), and `no-endpoint-services`/
+//!   `no-endpoint-nodeports`, which map destinations without endpoints to `reject-chain` (TCP
+//!   reset, ICMP port unreachable) or `drop` (Local policy, endpoints elsewhere);
 //! - hairpin traffic (a pod reaching itself through its service) is masqueraded in `masquerading`,
 //!   after DNAT, by the `hairpin-connections` set of `endpoint . endpoint . protocol . port`, which
 //!   holds the local endpoints only: only a pod on this node can hairpin here;
-//! - `no-endpoint-services`/`no-endpoint-nodeports` map destinations without endpoints to
-//!   `reject-chain` (TCP reset, ICMP port unreachable) or `drop` (Local policy, endpoints elsewhere);
-//! - the `excluded-cidrs` set is checked first: those destinations are never intercepted.
+//! - every table's `excluded-cidrs` set is checked first: those destinations are never intercepted.
 //!
-//! A full sync rewrites the whole table in one transaction without ever deleting it (so traffic
-//! never meets an empty table and affinity sets keep their clients): `flush table`, redeclare
-//! everything, then delete objects that are no longer wanted. A partial sync compares the changed
-//! service ports' objects with what the last sync rendered and sends only the difference.
+//! A full sync rewrites every table without ever deleting one that is kept (so traffic never meets
+//! an empty table and affinity sets keep their clients), see [`render_full`]. A partial sync
+//! compares the changed service ports' objects with what the last sync rendered and sends only the
+//! difference.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    fmt::{self, Display},
-    net::IpAddr,
-};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Display};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::names;
+use super::{
+    names,
+    ruleset::{
+        ChainType, Command, Element, Field, Hook, HookPoint, KeyType, Rule, SetSpec, Stmt, Value, Verdict,
+    },
+};
 use crate::{
-    model::{IpFamily, ServicePortName},
+    model::{IpFamily, Protocol, ServicePortName},
     policy::{NodeSettings, ServicePlan, Target},
 };
 
@@ -90,7 +95,10 @@ impl Table {
 
     /// `ip` or `ip6`.
     pub fn family_kw(self) -> &'static str {
-        Family(self.family).kw()
+        match self.family {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
     }
 
     /// Our table named `name` in the family `ip`/`ip6`, if it is one of ours (of any shard
@@ -161,12 +169,12 @@ const HAIRPIN: &str = "hairpin-connections";
 /// hook still sees the service address, and before iptables' filter table.
 const FILTER_PRIORITY: i32 = -110;
 
-/// The verdict maps every family's table has.
+/// The verdict maps every family's tables have between them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum VerdictMap {
-    /// `address . protocol . port` → the service or external chain.
+    /// `address . protocol . port` → the service or external chain (shards).
     ServiceIps,
-    /// `protocol . port` → the external chain.
+    /// `protocol . port` → the external chain (shards).
     ServiceNodeports,
     /// `address . protocol . port` → reject or drop, for destinations without endpoints.
     NoEndpointServices,
@@ -200,54 +208,27 @@ impl VerdictMap {
         matches!(self, Self::ServiceIps | Self::ServiceNodeports)
     }
 
-    fn key_type(self, family: Family) -> String {
-        match self {
-            Self::ServiceNodeports | Self::NoEndpointNodeports => "inet_proto . inet_service".to_owned(),
-            _ => format!("{} . inet_proto . inet_service", family.addr_type()),
-        }
+    fn spec(self, family: Family) -> SetSpec {
+        let mut key = match self {
+            Self::ServiceNodeports | Self::NoEndpointNodeports => vec![],
+            _ => vec![KeyType::addr(family.0)],
+        };
+        key.extend([KeyType::InetProto, KeyType::InetService]);
+        SetSpec::verdict_map(key)
     }
 }
 
-/// Family-specific syntax. In nft the table family and the payload keyword are the same word.
+/// Family-specific helpers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Family(IpFamily);
 
 impl Family {
     const BOTH: [Family; 2] = [Family(IpFamily::V4), Family(IpFamily::V6)];
 
-    /// `ip` or `ip6`: the table family and the address match keyword (`ip saddr`).
-    fn kw(self) -> &'static str {
+    fn loopback(self) -> Value {
         match self.0 {
-            IpFamily::V4 => "ip",
-            IpFamily::V6 => "ip6",
-        }
-    }
-
-    fn addr_type(self) -> &'static str {
-        match self.0 {
-            IpFamily::V4 => "ipv4_addr",
-            IpFamily::V6 => "ipv6_addr",
-        }
-    }
-
-    /// The `hairpin-connections` set's element type.
-    fn hairpin_type(self) -> String {
-        let addr = self.addr_type();
-        format!("{addr} . {addr} . inet_proto . inet_service")
-    }
-
-    fn loopback(self) -> &'static str {
-        match self.0 {
-            IpFamily::V4 => "127.0.0.0/8",
-            IpFamily::V6 => "::1",
-        }
-    }
-
-    /// `10.0.0.1:80` or `[fd00::1]:80`, for `dnat to`.
-    fn socket(self, ip: IpAddr, port: u16) -> String {
-        match ip {
-            IpAddr::V4(ip) => format!("{ip}:{port}"),
-            IpAddr::V6(ip) => format!("[{ip}]:{port}"),
+            IpFamily::V4 => Value::Net(IpNet::V4(ipnet::Ipv4Net::new_assert([127, 0, 0, 0].into(), 8))),
+            IpFamily::V6 => Value::Addr(IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
         }
     }
 
@@ -255,12 +236,19 @@ impl Family {
     fn nets(self, nets: &[IpNet]) -> Vec<IpNet> {
         nets.iter().filter(|n| IpFamily::of_net(n) == self.0).map(IpNet::trunc).collect()
     }
-}
 
-/// `{ a, b }`: an anonymous set literal.
-fn set_literal<T: Display>(items: &[T]) -> String {
-    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
-    format!("{{ {} }}", items.join(", "))
+    fn rule(self, stmts: Vec<Stmt>) -> Rule {
+        Rule::new(self.0, stmts)
+    }
+
+    fn set_spec(self, set: &str) -> SetSpec {
+        let addr = KeyType::addr(self.0);
+        if set == HAIRPIN {
+            SetSpec::set(vec![addr, addr, KeyType::InetProto, KeyType::InetService])
+        } else {
+            SetSpec { interval: true, ..SetSpec::set(vec![addr]) }
+        }
+    }
 }
 
 /// The firewall mark that asks the masquerading chain to SNAT a packet.
@@ -268,26 +256,42 @@ fn masquerade_mark(settings: &NodeSettings) -> u32 {
     1u32 << (settings.masquerade_bit & 31)
 }
 
+fn jump(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Jump(chain.to_owned()))
+}
+
+fn goto(chain: &str) -> Stmt {
+    Stmt::Verdict(Verdict::Goto(chain.to_owned()))
+}
+
+fn is_proto(protocol: Protocol) -> Stmt {
+    Stmt::Cmp { field: Field::L4proto, negate: false, value: Value::Proto(protocol) }
+}
+
+/// `address . protocol . port` (or `protocol . port`) and the fields that match it.
+const DESTINATION: [Field; 3] = [Field::Daddr, Field::L4proto, Field::Dport];
+const PORT: [Field; 2] = [Field::L4proto, Field::Dport];
+
 /// One chain's rules, in order, and their digest. What a sync applied keeps the digest only
-/// ([`RenderedState`]): the next partial sync compares digests, and 10,000 services' rule texts
-/// would cost the agent ~20 MiB for nothing.
+/// ([`RenderedState`]): the next partial sync compares digests, and 10,000 services' rules would
+/// cost the agent tens of MiB for nothing.
 #[derive(Clone, Debug, Default)]
 pub struct ChainRules {
-    pub rules: Vec<String>,
+    pub rules: Vec<Rule>,
     digest: u64,
 }
 
 impl ChainRules {
-    fn new(rules: Vec<String>) -> Self {
+    fn new(rules: Vec<Rule>) -> Self {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         rules.hash(&mut hasher);
         Self { digest: hasher.finish(), rules }
     }
 
-    /// Drops the text, keeping the digest.
-    fn forget_text(&mut self) {
-        self.rules = Vec::new();
+    /// Takes the rules out, keeping the digest.
+    fn take_rules(&mut self) -> Vec<Rule> {
+        std::mem::take(&mut self.rules)
     }
 }
 
@@ -299,6 +303,9 @@ impl PartialEq for ChainRules {
 
 impl Eq for ChainRules {}
 
+/// A set or map key.
+pub type Key = Vec<Value>;
+
 /// What one service port in one family contributes to that family's tables.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceRules {
@@ -308,13 +315,13 @@ pub struct ServiceRules {
     pub chains: BTreeMap<String, ChainRules>,
     /// The firewall chain (loadBalancerSourceRanges), in the main table: the filter hooks need it.
     pub firewall: BTreeMap<String, ChainRules>,
-    /// Affinity sets by name, with their declaration (`{ type ...; flags ...; timeout ...; }`).
-    pub sets: BTreeMap<String, String>,
+    /// Affinity sets by name, with their declaration.
+    pub sets: BTreeMap<String, SetSpec>,
     /// Verdict-map elements: (map, key) → verdict. The map says which table ([`VerdictMap::in_shard`]).
-    pub elements: BTreeMap<(VerdictMap, String), String>,
+    pub elements: BTreeMap<(VerdictMap, Key), Verdict>,
     /// Elements of the main table's `hairpin-connections` set (shared: two service ports may want
     /// the same one).
-    pub hairpin: BTreeSet<String>,
+    pub hairpin: BTreeSet<Key>,
 }
 
 impl ServiceRules {
@@ -335,6 +342,19 @@ impl ServiceRules {
             .iter()
             .map(move |(n, r)| (shard, n, r))
             .chain(self.firewall.iter().map(move |(n, r)| (main, n, r)))
+    }
+
+    /// The same, mutable (to take the rules out once they are in a command).
+    fn all_chains_mut(
+        &mut self,
+        family: IpFamily,
+    ) -> impl Iterator<Item = (Table, &String, &mut ChainRules)> {
+        let shard = self.shard_table(family);
+        let main = Table::main(family);
+        self.chains
+            .iter_mut()
+            .map(move |(n, r)| (shard, n, r))
+            .chain(self.firewall.iter_mut().map(move |(n, r)| (main, n, r)))
     }
 }
 
@@ -396,190 +416,214 @@ impl RenderedState {
     }
 }
 
-/// An `nft -f` script and the state it leads to.
+/// The commands of a sync and the state they lead to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rendering {
-    pub script: String,
-    /// Lines in the script (the payload size reported in sync stats).
+    pub commands: Vec<Command>,
+    /// Lines the commands take in nft syntax (the payload size reported in sync stats).
     pub lines: usize,
-    /// Where the script may be cut into separate transactions: (byte offset, lines before it), in
-    /// order. Empty: one transaction.
+    /// Where the commands may be cut into separate transactions: (command index, lines before it),
+    /// in order. Empty: one transaction.
     pub cuts: Vec<(usize, usize)>,
     pub state: RenderedState,
     pub full: bool,
 }
 
 impl Rendering {
-    /// The script as transactions of about `max_lines` lines each: consecutive pieces between cuts
-    /// are joined while they stay within the limit (a piece longer than it stays whole).
-    pub fn transactions(&self, max_lines: usize) -> Vec<&str> {
-        let text = self.script.as_str();
+    /// The commands as transactions of about `max_lines` lines each: consecutive pieces between
+    /// cuts are joined while they stay within the limit (a piece longer than it stays whole).
+    pub fn transactions(&self, max_lines: usize) -> Vec<&[Command]> {
+        let commands = self.commands.as_slice();
         let mut out = Vec::new();
         let mut start = (0, 0);
         let mut last = (0, 0);
-        for &(at, lines) in self.cuts.iter().chain([(text.len(), self.lines)].iter()) {
+        for &(at, lines) in self.cuts.iter().chain([(commands.len(), self.lines)].iter()) {
             if at <= start.0 {
                 continue;
             }
             if lines - start.1 > max_lines && last.0 > start.0 {
-                out.push(&text[start.0..last.0]);
+                out.push(&commands[start.0..last.0]);
                 start = last;
             }
             last = (at, lines);
         }
-        if start.0 < text.len() {
-            out.push(&text[start.0..]);
+        if start.0 < commands.len() {
+            out.push(&commands[start.0..]);
         }
         out
     }
 
     /// Whether there is nothing to send to the kernel.
     pub fn is_empty(&self) -> bool {
-        self.script.is_empty()
+        self.commands.is_empty()
+    }
+
+    /// The commands in nft syntax, one `nft -f` script.
+    pub fn script(&self) -> String {
+        script(&self.commands)
     }
 }
 
-/// A script being written, one command per line (multi-line element lists count their lines).
+/// Commands in nft syntax.
+pub fn script(commands: &[Command]) -> String {
+    use fmt::Write as _;
+    let mut out = String::new();
+    for command in commands {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{command}");
+    }
+    out
+}
+
+/// The commands of a sync being written.
 #[derive(Default)]
 struct Script {
-    text: String,
+    commands: Vec<Command>,
     lines: usize,
     cuts: Vec<(usize, usize)>,
 }
 
 impl Script {
-    /// The end of a transaction of its own (after which the table works).
+    /// The end of a transaction of its own (after which the tables work).
     fn cut(&mut self) {
-        if self.cuts.last().is_none_or(|(at, _)| *at < self.text.len()) {
-            self.cuts.push((self.text.len(), self.lines));
+        if self.cuts.last().is_none_or(|(at, _)| *at < self.commands.len()) {
+            self.cuts.push((self.commands.len(), self.lines));
         }
     }
 
-    fn line(&mut self, line: impl Display) {
-        use fmt::Write as _;
-        // Writing to a String cannot fail.
-        let _ = writeln!(self.text, "{line}");
-        self.lines += 1;
+    fn push(&mut self, command: Command) {
+        self.lines += command.lines();
+        self.commands.push(command);
     }
 
-    /// `add element` or `delete element` with one element per line, or nothing for no elements.
-    fn elements(&mut self, verb: &str, table: Table, map: VerdictMap, elements: &[String]) {
-        self.set_elements(verb, table, map.name(), elements);
+    fn rule(&mut self, table: Table, chain: &str, rule: Rule) {
+        self.push(Command::AddRule { table, chain: chain.to_owned(), rule });
     }
 
-    /// The same for any set or map by name.
-    fn set_elements<T: Display>(
-        &mut self,
-        verb: &str,
-        table: Table,
-        set: &str,
-        elements: impl IntoIterator<Item = T>,
-    ) {
-        let mut elements = elements.into_iter().peekable();
-        if elements.peek().is_none() {
+    /// Adds or deletes elements of a set or map, or nothing for no elements.
+    fn elements(&mut self, add: bool, table: Table, set: &str, elements: Vec<Element>) {
+        if elements.is_empty() {
             return;
         }
-        self.line(format_args!("{verb} element {table} {set} {{"));
-        for element in elements {
-            self.line(format_args!("\t{element},"));
-        }
-        self.line("}");
+        let set = set.to_owned();
+        self.push(if add {
+            Command::AddElements { table, set, elements }
+        } else {
+            Command::DeleteElements { table, set, elements }
+        });
     }
 }
 
 /// One of the chains every table has.
 struct StaticChain {
     name: &'static str,
-    /// `type ... hook ... priority ...;` for base chains.
-    hook: Option<String>,
-    rules: Vec<String>,
+    hook: Option<Hook>,
+    rules: Vec<Rule>,
 }
 
 /// The chains `table` always has, with their rules, for these settings.
 fn static_chains(table: Table, settings: &NodeSettings) -> Vec<StaticChain> {
     let family = table.syntax();
-    let ip = family.kw();
+    let rule = |stmts| family.rule(stmts);
     let mark = masquerade_mark(settings);
-    let base = |name, kind: &str, hook: &str, priority: String, rules: Vec<String>| StaticChain {
+    let base = |name, kind, hook, priority, rules| StaticChain {
         name,
-        hook: Some(format!("type {kind} hook {hook} priority {priority}; policy accept;")),
+        hook: Some(Hook { kind, hook, priority }),
         rules,
     };
-    let chain = |name, rules: Vec<String>| StaticChain { name, hook: None, rules };
-    let new = |target: &str| format!("ct state new jump {target}");
-    let not_excluded = format!("{ip} daddr @{EXCLUDED} return");
-
+    let chain = |name, rules| StaticChain { name, hook: None, rules };
+    let new = |target: &str| rule(vec![Stmt::CtStateNew, jump(target)]);
+    let not_excluded = rule(vec![
+        Stmt::Lookup { fields: vec![Field::Daddr], set: EXCLUDED.to_owned() },
+        Stmt::Verdict(Verdict::Return),
+    ]);
+    let lookup =
+        |map: VerdictMap| rule(vec![Stmt::Vmap { fields: DESTINATION.to_vec(), map: map.name().to_owned() }]);
     // Node ports are served on local addresses: all but loopback, or those in nodePortAddresses.
-    let node_port_match = if settings.node_port_addresses.is_empty() {
-        Some(format!("fib daddr type local {ip} daddr != {}", family.loopback()))
+    let node_port_matches: Vec<Vec<Stmt>> = if settings.node_port_addresses.is_empty() {
+        vec![vec![
+            Stmt::FibLocal(Field::Daddr),
+            Stmt::Cmp { field: Field::Daddr, negate: true, value: family.loopback() },
+        ]]
     } else {
-        let nets = family.nets(&settings.node_port_addresses);
-        (!nets.is_empty()).then(|| format!("{ip} daddr {} fib daddr type local", set_literal(&nets)))
+        family
+            .nets(&settings.node_port_addresses)
+            .into_iter()
+            .map(|net| {
+                vec![
+                    Stmt::Cmp { field: Field::Daddr, negate: false, value: Value::Net(net) },
+                    Stmt::FibLocal(Field::Daddr),
+                ]
+            })
+            .collect()
     };
-    let lookup = |map: VerdictMap| format!("{ip} daddr . meta l4proto . th dport vmap @{}", map.name());
-    let port_lookup = |map: VerdictMap| {
-        node_port_match.as_ref().map(|m| format!("{m} meta l4proto . th dport vmap @{}", map.name()))
+    let port_lookups = |map: VerdictMap| -> Vec<Rule> {
+        node_port_matches
+            .iter()
+            .map(|matches| {
+                let mut stmts = matches.clone();
+                stmts.push(Stmt::Vmap { fields: PORT.to_vec(), map: map.name().to_owned() });
+                rule(stmts)
+            })
+            .collect()
     };
 
     if table.shard.is_some() {
+        let mut services = vec![not_excluded, lookup(VerdictMap::ServiceIps)];
+        services.extend(port_lookups(VerdictMap::ServiceNodeports));
         return vec![
-            base("nat-prerouting", "nat", "prerouting", "dstnat".into(), vec![format!("jump {SERVICES}")]),
-            // nft 1.0.6 knows `dstnat` for prerouting only; -100 is the same priority.
-            base("nat-output", "nat", "output", "-100".into(), vec![format!("jump {SERVICES}")]),
-            chain(
-                SERVICES,
-                [
-                    Some(not_excluded),
-                    Some(lookup(VerdictMap::ServiceIps)),
-                    port_lookup(VerdictMap::ServiceNodeports),
-                ]
-                .into_iter()
-                .flatten()
-                .collect(),
+            base(
+                "nat-prerouting",
+                ChainType::Nat,
+                HookPoint::Prerouting,
+                -100,
+                vec![rule(vec![jump(SERVICES)])],
             ),
-            chain(MARK_FOR_MASQUERADE, vec![format!("meta mark set meta mark | {mark:#x}")]),
+            base("nat-output", ChainType::Nat, HookPoint::Output, -100, vec![rule(vec![jump(SERVICES)])]),
+            chain(SERVICES, services),
+            chain(MARK_FOR_MASQUERADE, vec![rule(vec![Stmt::MarkOr(mark)])]),
         ];
     }
-    let filter = FILTER_PRIORITY.to_string();
+    let filter = |name, hook, rules| base(name, ChainType::Filter, hook, FILTER_PRIORITY, rules);
+    let mut nodeport_checks = vec![not_excluded.clone()];
+    nodeport_checks.extend(port_lookups(VerdictMap::NoEndpointNodeports));
+    let hairpin = [Field::Saddr, Field::Daddr, Field::L4proto, Field::Dport];
     vec![
-        base("filter-prerouting", "filter", "prerouting", filter.clone(), vec![new(FIREWALL_CHECK)]),
-        base(
+        filter("filter-prerouting", HookPoint::Prerouting, vec![new(FIREWALL_CHECK)]),
+        filter(
             "filter-input",
-            "filter",
-            "input",
-            filter.clone(),
+            HookPoint::Input,
             vec![new(NODEPORT_ENDPOINTS_CHECK), new(SERVICE_ENDPOINTS_CHECK)],
         ),
-        base("filter-forward", "filter", "forward", filter.clone(), vec![new(SERVICE_ENDPOINTS_CHECK)]),
+        filter("filter-forward", HookPoint::Forward, vec![new(SERVICE_ENDPOINTS_CHECK)]),
+        filter("filter-output", HookPoint::Output, vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)]),
         base(
-            "filter-output",
-            "filter",
-            "output",
-            filter,
-            vec![new(SERVICE_ENDPOINTS_CHECK), new(FIREWALL_CHECK)],
+            "nat-postrouting",
+            ChainType::Nat,
+            HookPoint::Postrouting,
+            100,
+            vec![rule(vec![jump(MASQUERADING)])],
         ),
-        base("nat-postrouting", "nat", "postrouting", "srcnat".into(), vec![format!("jump {MASQUERADING}")]),
         chain(
             MASQUERADING,
             vec![
-                format!(
-                    "ct status dnat {ip} saddr . {ip} daddr . meta l4proto . th dport @{HAIRPIN} masquerade fully-random"
-                ),
-                format!("meta mark & {mark:#x} == 0 return"),
-                format!("meta mark set meta mark ^ {mark:#x}"),
-                "masquerade fully-random".into(),
+                rule(vec![
+                    Stmt::CtStatusDnat,
+                    Stmt::Lookup { fields: hairpin.to_vec(), set: HAIRPIN.to_owned() },
+                    Stmt::Masquerade,
+                ]),
+                rule(vec![Stmt::MarkClear(mark), Stmt::Verdict(Verdict::Return)]),
+                rule(vec![Stmt::MarkXor(mark)]),
+                rule(vec![Stmt::Masquerade]),
             ],
         ),
-        chain(REJECT, vec!["meta l4proto tcp reject with tcp reset".into(), "reject".into()]),
-        chain(FIREWALL_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::FirewallIps)]),
-        chain(SERVICE_ENDPOINTS_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::NoEndpointServices)]),
         chain(
-            NODEPORT_ENDPOINTS_CHECK,
-            [Some(not_excluded), port_lookup(VerdictMap::NoEndpointNodeports)]
-                .into_iter()
-                .flatten()
-                .collect(),
+            REJECT,
+            vec![rule(vec![is_proto(Protocol::Tcp), Stmt::RejectTcpReset]), rule(vec![Stmt::Reject])],
         ),
+        chain(FIREWALL_CHECK, vec![not_excluded.clone(), lookup(VerdictMap::FirewallIps)]),
+        chain(SERVICE_ENDPOINTS_CHECK, vec![not_excluded, lookup(VerdictMap::NoEndpointServices)]),
+        chain(NODEPORT_ENDPOINTS_CHECK, nodeport_checks),
     ]
 }
 
@@ -597,89 +641,79 @@ const CASCADE_MAX_ENDPOINTS: usize = 32;
 /// rewrites one rule, not 10,000).
 /// With affinity: a client pinned to an endpoint goes back to its chain, others are spread at
 /// random over the endpoint chains (which record the client).
-fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<String> {
+fn balance(plan: &ServicePlan, family: Family, targets: &[Target]) -> Vec<Rule> {
     let mut targets = targets.to_vec();
     targets.sort();
     let Some(timeout) = plan.session_affinity else {
-        let proto = plan.protocol.as_str();
         let n = targets.len();
         if n > CASCADE_MAX_ENDPOINTS {
-            let arms: Vec<String> =
-                targets.iter().enumerate().map(|(i, t)| format!("{i} : {} . {}", t.ip, t.port)).collect();
-            return vec![format!(
-                "meta l4proto {proto} dnat {} to numgen random mod {n} map {}",
-                family.kw(),
-                set_literal(&arms)
-            )];
+            let arms = targets.iter().map(|t| (t.ip, t.port)).collect();
+            return vec![family.rule(vec![is_proto(plan.protocol), Stmt::DnatNumgenMap(arms)])];
         }
         return targets
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let dnat = format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port));
-                match n - i {
-                    1 => dnat,
-                    left => format!("numgen random mod {left} 0 {dnat}"),
-                }
+                let mut stmts = match u32::try_from(n - i) {
+                    Ok(left) if left > 1 => vec![Stmt::NumgenIsZero(left)],
+                    _ => vec![],
+                };
+                stmts.extend([is_proto(plan.protocol), Stmt::Dnat(t.ip, t.port)]);
+                family.rule(stmts)
             })
             .collect();
     };
-    let mut rules: Vec<String> = targets
+    let mut rules: Vec<Rule> = targets
         .iter()
         .map(|t| {
-            format!(
-                "{} saddr @{} goto {}",
-                family.kw(),
-                names::affinity_set(plan, t.ip, t.port, timeout),
-                names::endpoint_chain(plan, t.ip, t.port)
-            )
+            family.rule(vec![
+                Stmt::Lookup {
+                    fields: vec![Field::Saddr],
+                    set: names::affinity_set(plan, t.ip, t.port, timeout),
+                },
+                goto(&names::endpoint_chain(plan, t.ip, t.port)),
+            ])
         })
         .collect();
     match targets.as_slice() {
         [] => {}
-        [only] => rules.push(format!("goto {}", names::endpoint_chain(plan, only.ip, only.port))),
+        [only] => rules.push(family.rule(vec![goto(&names::endpoint_chain(plan, only.ip, only.port))])),
         many => {
-            let arms: Vec<String> = many
-                .iter()
-                .enumerate()
-                .map(|(i, t)| format!("{i} : goto {}", names::endpoint_chain(plan, t.ip, t.port)))
-                .collect();
-            rules.push(format!("numgen random mod {} vmap {}", many.len(), set_literal(&arms)));
+            let chains = many.iter().map(|t| names::endpoint_chain(plan, t.ip, t.port)).collect();
+            rules.push(family.rule(vec![Stmt::NumgenGoto(chains)]));
         }
     }
     rules
 }
 
-/// Everything one service port contributes to its family's table.
+/// Everything one service port contributes to its family's tables.
 pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRules {
     let family = Family(plan.family);
-    let ip = family.kw();
-    let proto = plan.protocol.as_str();
+    let rule = |stmts| family.rule(stmts);
+    let proto = plan.protocol;
     let cluster_cidrs = family.nets(&settings.cluster_cidrs);
+    let from = |net: &IpNet, negate| Stmt::Cmp { field: Field::Saddr, negate, value: Value::Net(*net) };
     let mut out = ServiceRules { shard: names::shard(&plan.name, SHARDS), ..ServiceRules::default() };
 
     let targets = plan.all_targets();
     out.hairpin = targets
         .iter()
         .filter(|t| t.is_local)
-        .map(|t| format!("{} . {} . {proto} . {}", t.ip, t.ip, t.port))
+        .map(|t| vec![Value::Addr(t.ip), Value::Addr(t.ip), Value::Proto(proto), Value::Port(t.port)])
         .collect();
     // Affinity only: one chain per endpoint (shared by cluster and external traffic) that records
     // the client in the endpoint's set.
     if let Some(timeout) = plan.session_affinity {
         for t in &targets {
             let set = names::affinity_set(plan, t.ip, t.port, timeout);
-            out.sets.insert(
-                set.clone(),
-                format!(
-                    "{{ type {}; flags dynamic,timeout; timeout {}s; }}",
-                    family.addr_type(),
-                    timeout.as_secs().max(1)
-                ),
-            );
+            let spec = SetSpec {
+                timeout_s: Some(timeout.as_secs().max(1)),
+                ..SetSpec::set(vec![KeyType::addr(plan.family)])
+            };
+            out.sets.insert(set.clone(), spec);
             let rules = vec![
-                format!("update @{set} {{ {ip} saddr }}"),
-                format!("meta l4proto {proto} dnat to {}", family.socket(t.ip, t.port)),
+                rule(vec![Stmt::UpdateSaddr(set)]),
+                rule(vec![is_proto(proto), Stmt::Dnat(t.ip, t.port)]),
             ];
             out.chains.insert(names::endpoint_chain(plan, t.ip, t.port), ChainRules::new(rules));
         }
@@ -690,9 +724,11 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     if let Some(chain) = &service_chain {
         let mut rules = Vec::new();
         if settings.masquerade_all {
-            rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+            rules.push(rule(vec![jump(MARK_FOR_MASQUERADE)]));
         } else if !cluster_cidrs.is_empty() {
-            rules.push(format!("{ip} saddr != {} jump {MARK_FOR_MASQUERADE}", set_literal(&cluster_cidrs)));
+            let mut stmts: Vec<Stmt> = cluster_cidrs.iter().map(|net| from(net, true)).collect();
+            stmts.push(jump(MARK_FOR_MASQUERADE));
+            rules.push(rule(stmts));
         }
         rules.extend(balance(plan, family, &plan.cluster_targets));
         out.chains.insert(chain.clone(), ChainRules::new(rules));
@@ -707,21 +743,19 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
         let mut rules = Vec::new();
         if plan.external_policy_local {
             if let Some(service) = &service_chain {
-                if !cluster_cidrs.is_empty() {
-                    rules.push(format!("{ip} saddr {} goto {service}", set_literal(&cluster_cidrs)));
-                }
-                rules.push(format!("fib saddr type local jump {MARK_FOR_MASQUERADE}"));
-                rules.push(format!("fib saddr type local goto {service}"));
+                rules.extend(cluster_cidrs.iter().map(|net| rule(vec![from(net, false), goto(service)])));
+                rules.push(rule(vec![Stmt::FibLocal(Field::Saddr), jump(MARK_FOR_MASQUERADE)]));
+                rules.push(rule(vec![Stmt::FibLocal(Field::Saddr), goto(service)]));
             }
             rules.extend(balance(plan, family, &plan.external_targets));
         } else {
-            rules.push(format!("jump {MARK_FOR_MASQUERADE}"));
+            rules.push(rule(vec![jump(MARK_FOR_MASQUERADE)]));
             let mut external = plan.external_targets.clone();
             let mut cluster = plan.cluster_targets.clone();
             external.sort();
             cluster.sort();
             match &service_chain {
-                Some(service) if external == cluster => rules.push(format!("goto {service}")),
+                Some(service) if external == cluster => rules.push(rule(vec![goto(service)])),
                 _ => rules.extend(balance(plan, family, &plan.external_targets)),
             }
         }
@@ -729,31 +763,37 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     }
 
     // Verdicts: where each destination goes, or how it is refused.
-    let key = |addr: &IpAddr| format!("{addr} . {proto} . {}", plan.port);
-    let reject = format!("goto {REJECT}");
+    let key = |addr: &IpAddr| vec![Value::Addr(*addr), Value::Proto(proto), Value::Port(plan.port)];
+    let reject = Verdict::Goto(REJECT.to_owned());
     let refuse_external = if plan.external_policy_local && !plan.cluster_targets.is_empty() {
         // Endpoints exist, just not here: drop like kube-proxy, so the load balancer's health
         // check (not a reset) steers clients to other nodes.
-        "drop".to_owned()
+        Verdict::Drop
     } else {
         reject.clone()
     };
     for addr in &plan.cluster_ips {
         match &service_chain {
-            Some(chain) => out.elements.insert((VerdictMap::ServiceIps, key(addr)), format!("goto {chain}")),
+            Some(chain) => {
+                out.elements.insert((VerdictMap::ServiceIps, key(addr)), Verdict::Goto(chain.clone()))
+            }
             None => out.elements.insert((VerdictMap::NoEndpointServices, key(addr)), reject.clone()),
         };
     }
     for addr in plan.external_ips.iter().chain(&plan.load_balancer_ips) {
         match &external_chain {
-            Some(chain) => out.elements.insert((VerdictMap::ServiceIps, key(addr)), format!("goto {chain}")),
+            Some(chain) => {
+                out.elements.insert((VerdictMap::ServiceIps, key(addr)), Verdict::Goto(chain.clone()))
+            }
             None => out.elements.insert((VerdictMap::NoEndpointServices, key(addr)), refuse_external.clone()),
         };
     }
     if let Some(node_port) = plan.node_port {
-        let key = format!("{proto} . {node_port}");
+        let key = vec![Value::Proto(proto), Value::Port(node_port)];
         match &external_chain {
-            Some(chain) => out.elements.insert((VerdictMap::ServiceNodeports, key), format!("goto {chain}")),
+            Some(chain) => {
+                out.elements.insert((VerdictMap::ServiceNodeports, key), Verdict::Goto(chain.clone()))
+            }
             None => out.elements.insert((VerdictMap::NoEndpointNodeports, key), refuse_external.clone()),
         };
     }
@@ -762,23 +802,14 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     let ranges = family.nets(&plan.load_balancer_source_ranges);
     if !ranges.is_empty() && !plan.load_balancer_ips.is_empty() {
         let chain = names::firewall_chain(plan);
-        let drop = vec![format!("{ip} saddr != {} drop", set_literal(&ranges))];
-        out.firewall.insert(chain.clone(), ChainRules::new(drop));
+        let mut drop: Vec<Stmt> = ranges.iter().map(|net| from(net, true)).collect();
+        drop.push(Stmt::Verdict(Verdict::Drop));
+        out.firewall.insert(chain.clone(), ChainRules::new(vec![rule(drop)]));
         for addr in &plan.load_balancer_ips {
-            out.elements.insert((VerdictMap::FirewallIps, key(addr)), format!("goto {chain}"));
+            out.elements.insert((VerdictMap::FirewallIps, key(addr)), Verdict::Goto(chain.clone()));
         }
     }
     out
-}
-
-/// The rules as a sync's state keeps them: digests, no text.
-fn without_text(
-    mut services: BTreeMap<(IpFamily, ServicePortName), ServiceRules>,
-) -> BTreeMap<(IpFamily, ServicePortName), ServiceRules> {
-    for rules in services.values_mut() {
-        rules.chains.values_mut().chain(rules.firewall.values_mut()).for_each(ChainRules::forget_text);
-    }
-    services
 }
 
 /// Renders every plan, keyed by family and service port. Plans of a family other than their
@@ -795,10 +826,20 @@ fn render_services(
         .collect()
 }
 
+/// The service ports whose objects are in `table` (all of the family for the main table).
+fn in_table(
+    services: &BTreeMap<(IpFamily, ServicePortName), ServiceRules>,
+    table: Table,
+) -> impl Iterator<Item = &ServiceRules> {
+    services
+        .iter()
+        .filter(move |((f, _), r)| *f == table.family && table.shard.is_none_or(|s| s == r.shard))
+        .map(|(_, r)| r)
+}
+
 /// How many service ports' chains one transaction of a full sync carries at most (see
-/// [`render_full`]). `nft` holds the whole transaction in memory, about 4 KiB per line: at 10,000
-/// service ports of 10 endpoints one transaction took 440 MiB; batches of 400 (~7,000 lines)
-/// keep it under 30 MiB, for a few more transactions (each costs `nft` a start and a cache fetch).
+/// [`render_full`]): it bounds the memory one transaction takes to send (and took `nft` about
+/// 4 KiB per line when `nft` applied them), for a few more transactions.
 pub const SERVICES_PER_TRANSACTION: usize = 400;
 
 /// How many elements of a new set or map one transaction of a full sync carries at most.
@@ -808,7 +849,7 @@ const ELEMENTS_PER_TRANSACTION: usize = 4000;
 /// wanted are deleted; everything else is redeclared, flushed and refilled. Affinity sets that are
 /// still wanted keep their clients.
 ///
-/// The script is cut into transactions ([`Rendering::transactions`]) that each leave working
+/// The commands are cut into transactions ([`Rendering::transactions`]) that each leave working
 /// tables: first the tables, their sets and maps and static chains; then the service ports'
 /// chains, shard by shard, [`SERVICES_PER_TRANSACTION`] at a time, each chain flushed and refilled
 /// in one transaction (a new chain is unreachable until the maps point at it); then each table's
@@ -820,47 +861,32 @@ const ELEMENTS_PER_TRANSACTION: usize = 4000;
 /// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order
 /// within a table; across shards, to the shard whose nat chain runs first.
 pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
-    let services = render_services(plans, settings, None);
-    let in_table = |table: Table| -> Vec<&ServiceRules> {
-        services
-            .iter()
-            .filter(|((f, _), r)| *f == table.family && table.shard.is_none_or(|s| s == r.shard))
-            .map(|(_, r)| r)
-            .collect()
-    };
+    let mut services = render_services(plans, settings, None);
     let mut script = Script::default();
 
     // The tables, their sets, maps and static chains.
     for table in Table::all() {
         let family = table.syntax();
         let existing = existing.get(table);
-        script.line(format_args!("add table {table} {{ comment \"fleetproxy: Service proxy rules\"; }}"));
+        script.push(Command::AddTable(table));
         for set in table.sets() {
-            let key = if *set == HAIRPIN { family.hairpin_type() } else { family.addr_type().to_owned() };
-            let flags = if *set == EXCLUDED { " flags interval;" } else { "" };
-            script.line(format_args!("add set {table} {set} {{ type {key};{flags} }}"));
+            script.push(Command::AddSet { table, name: (*set).to_owned(), spec: family.set_spec(set) });
         }
         for map in table.maps() {
-            script.line(format_args!(
-                "add map {table} {} {{ type {} : verdict; }}",
-                map.name(),
-                map.key_type(family)
-            ));
+            script.push(Command::AddSet { table, name: map.name().to_owned(), spec: map.spec(family) });
         }
         let statics = static_chains(table, settings);
         for chain in &statics {
-            match &chain.hook {
-                Some(hook) => script.line(format_args!("add chain {table} {} {{ {hook} }}", chain.name)),
-                None if existing.chains.contains(chain.name) => {}
-                None => script.line(format_args!("add chain {table} {}", chain.name)),
+            if chain.hook.is_some() || !existing.chains.contains(chain.name) {
+                script.push(Command::AddChain { table, name: chain.name.to_owned(), hook: chain.hook });
             }
         }
-        for chain in &statics {
+        for chain in statics {
             if existing.chains.contains(chain.name) {
-                script.line(format_args!("flush chain {table} {}", chain.name));
+                script.push(Command::FlushChain { table, name: chain.name.to_owned() });
             }
-            for rule in &chain.rules {
-                script.line(format_args!("add rule {table} {} {rule}", chain.name));
+            for rule in chain.rules {
+                script.rule(table, chain.name, rule);
             }
         }
     }
@@ -870,22 +896,28 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
     // are flushed, not redeclared: redeclaring thousands of chains costs the kernel more than
     // their rules. (If `existing` is wrong, the transaction fails, and the next full sync reads
     // the names from the kernel.)
-    for table in Table::all().filter(|t| t.shard.is_some()) {
-        for batch in in_table(table).chunks(SERVICES_PER_TRANSACTION) {
+    for shard in Table::all().filter(|t| t.shard.is_some()) {
+        let mut in_shard: Vec<&mut ServiceRules> = services
+            .iter_mut()
+            .filter(|((f, _), r)| *f == shard.family && Some(r.shard) == shard.shard)
+            .map(|(_, r)| r)
+            .collect();
+        for batch in in_shard.chunks_mut(SERVICES_PER_TRANSACTION) {
             for rules in batch {
-                for (name, declaration) in &rules.sets {
-                    script.line(format_args!("add set {table} {name} {declaration}"));
+                for (name, spec) in &rules.sets {
+                    script.push(Command::AddSet { table: shard, name: name.clone(), spec: spec.clone() });
                 }
-                for (table, name, _) in rules.all_chains(table.family) {
-                    if existing.get(table).chains.contains(name) {
-                        script.line(format_args!("flush chain {table} {name}"));
+                for (table, name, _) in rules.all_chains(shard.family) {
+                    let name = name.clone();
+                    script.push(if existing.get(table).chains.contains(&name) {
+                        Command::FlushChain { table, name }
                     } else {
-                        script.line(format_args!("add chain {table} {name}"));
-                    }
+                        Command::AddChain { table, name, hook: None }
+                    });
                 }
-                for (table, name, chain) in rules.all_chains(table.family) {
-                    for rule in &chain.rules {
-                        script.line(format_args!("add rule {table} {name} {rule}"));
+                for (table, name, chain) in rules.all_chains_mut(shard.family) {
+                    for rule in chain.take_rules() {
+                        script.rule(table, name, rule);
                     }
                 }
             }
@@ -897,37 +929,53 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
     // in between), in batches where they are new (a service is reachable once its element is in).
     for table in Table::all() {
         let family = table.syntax();
-        let in_table = in_table(table);
         let existing = existing.get(table);
         // Elements, first claim wins.
-        let mut maps: BTreeMap<VerdictMap, BTreeMap<&str, &str>> = BTreeMap::new();
-        for rules in &in_table {
+        let mut maps: BTreeMap<VerdictMap, BTreeMap<&Key, &Verdict>> = BTreeMap::new();
+        for rules in in_table(&services, table) {
             for ((map, key), verdict) in &rules.elements {
                 if map.in_shard() == table.shard.is_some() {
-                    maps.entry(*map).or_default().entry(key.as_str()).or_insert(verdict.as_str());
+                    maps.entry(*map).or_default().entry(key).or_insert(verdict);
                 }
             }
         }
-        let mut fill = |kind: &str, name: &str, known: &BTreeSet<String>, elements: Vec<String>| {
+        let mut fill = |name: &str, map: bool, known: &BTreeSet<String>, elements: Vec<Element>| {
             if known.contains(name) {
-                script.line(format_args!("flush {kind} {table} {name}"));
-                script.set_elements("add", table, name, &elements);
+                script.push(Command::FlushSet { table, name: name.to_owned(), map });
+                script.elements(true, table, name, elements);
             } else {
-                for batch in elements.chunks(ELEMENTS_PER_TRANSACTION) {
-                    script.set_elements("add", table, name, batch);
+                let mut elements = elements.into_iter().peekable();
+                while elements.peek().is_some() {
+                    script.elements(
+                        true,
+                        table,
+                        name,
+                        elements.by_ref().take(ELEMENTS_PER_TRANSACTION).collect(),
+                    );
                     script.cut();
                 }
             }
         };
+        let element = |key: Key| Element { key, verdict: None };
         let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
-        fill("set", EXCLUDED, &existing.sets, excluded.iter().map(ToString::to_string).collect());
+        fill(
+            EXCLUDED,
+            false,
+            &existing.sets,
+            excluded.into_iter().map(|n| element(vec![Value::Net(n)])).collect(),
+        );
         if table.shard.is_none() {
-            let hairpin: BTreeSet<&String> = in_table.iter().flat_map(|r| &r.hairpin).collect();
-            fill("set", HAIRPIN, &existing.sets, hairpin.iter().map(ToString::to_string).collect());
+            let hairpin: BTreeSet<&Key> = in_table(&services, table).flat_map(|r| &r.hairpin).collect();
+            fill(HAIRPIN, false, &existing.sets, hairpin.into_iter().map(|k| element(k.clone())).collect());
         }
         for map in table.maps() {
-            let elements = maps.get(&map).into_iter().flatten().map(|(k, v)| format!("{k} : {v}")).collect();
-            fill("map", map.name(), &existing.maps, elements);
+            let elements = maps
+                .get(&map)
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| Element { key: (*k).clone(), verdict: Some((*v).clone()) })
+                .collect();
+            fill(map.name(), true, &existing.maps, elements);
         }
         script.cut();
     }
@@ -936,13 +984,13 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
     // are flushed first, since they may jump to each other.
     for (&table, existing) in &existing.tables {
         if !table.is_kept() {
-            script.line(format_args!("delete table {table}"));
+            script.push(Command::DeleteTable(table));
             continue;
         }
         let mut wanted_chains: BTreeSet<&str> =
             static_chains(table, settings).iter().map(|c| c.name).collect();
         let mut wanted_sets: BTreeSet<&str> = table.sets().iter().copied().collect();
-        for rules in in_table(table) {
+        for rules in in_table(&services, table) {
             wanted_chains.extend(
                 rules.all_chains(table.family).filter(|(t, ..)| *t == table).map(|(_, n, _)| n.as_str()),
             );
@@ -953,25 +1001,25 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
         let stale_chains: Vec<&String> =
             existing.chains.iter().filter(|c| !wanted_chains.contains(c.as_str())).collect();
         for chain in &stale_chains {
-            script.line(format_args!("flush chain {table} {chain}"));
+            script.push(Command::FlushChain { table, name: (*chain).clone() });
         }
-        for chain in &stale_chains {
-            script.line(format_args!("delete chain {table} {chain}"));
+        for chain in stale_chains {
+            script.push(Command::DeleteChain { table, name: chain.clone() });
         }
         for set in existing.sets.iter().filter(|s| !wanted_sets.contains(s.as_str())) {
-            script.line(format_args!("delete set {table} {set}"));
+            script.push(Command::DeleteSet { table, name: set.clone(), map: false });
         }
         let wanted_maps: BTreeSet<&str> = table.maps().map(VerdictMap::name).collect();
         for map in existing.maps.iter().filter(|m| !wanted_maps.contains(m.as_str())) {
-            script.line(format_args!("delete map {table} {map}"));
+            script.push(Command::DeleteSet { table, name: map.clone(), map: true });
         }
     }
     script.cut();
     Rendering {
         lines: script.lines,
         cuts: script.cuts,
-        script: script.text,
-        state: RenderedState { settings: settings.clone(), services: without_text(services) },
+        commands: script.commands,
+        state: RenderedState { settings: settings.clone(), services },
         full: true,
     }
 }
@@ -979,13 +1027,13 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
 /// What a partial sync changes in one table.
 #[derive(Default)]
 struct TableChanges<'a> {
-    add_sets: Vec<(&'a String, &'a String)>,
+    add_sets: Vec<(&'a String, &'a SetSpec)>,
     new_chains: Vec<(&'a String, &'a ChainRules)>,
     rewrite_chains: Vec<(&'a String, &'a ChainRules)>,
-    delete_elements: BTreeMap<VerdictMap, Vec<String>>,
-    add_elements: BTreeMap<VerdictMap, Vec<String>>,
-    add_hairpin: BTreeSet<&'a String>,
-    delete_hairpin: BTreeSet<&'a String>,
+    delete_elements: BTreeMap<VerdictMap, Vec<Element>>,
+    add_elements: BTreeMap<VerdictMap, Vec<Element>>,
+    add_hairpin: BTreeSet<&'a Key>,
+    delete_hairpin: BTreeSet<&'a Key>,
     delete_chains: Vec<&'a String>,
     delete_sets: Vec<&'a String>,
 }
@@ -993,39 +1041,42 @@ struct TableChanges<'a> {
 impl TableChanges<'_> {
     /// The commands, in an order the kernel accepts: what is referred to exists before the
     /// reference and goes after it.
-    fn write(&self, table: Table, script: &mut Script) {
-        for (name, declaration) in &self.add_sets {
-            script.line(format_args!("add set {table} {name} {declaration}"));
+    fn write(self, table: Table, script: &mut Script) {
+        for (name, spec) in self.add_sets {
+            script.push(Command::AddSet { table, name: name.clone(), spec: spec.clone() });
         }
         for (name, _) in &self.new_chains {
-            script.line(format_args!("add chain {table} {name}"));
+            script.push(Command::AddChain { table, name: (*name).clone(), hook: None });
         }
         for (name, _) in &self.rewrite_chains {
-            script.line(format_args!("flush chain {table} {name}"));
+            script.push(Command::FlushChain { table, name: (*name).clone() });
         }
         for (name, rules) in self.new_chains.iter().chain(&self.rewrite_chains) {
             for rule in &rules.rules {
-                script.line(format_args!("add rule {table} {name} {rule}"));
+                script.rule(table, name, rule.clone());
             }
         }
         // Removals before additions: a key whose verdict changed is deleted, then re-added.
-        for (map, keys) in &self.delete_elements {
-            script.elements("delete", table, *map, keys);
+        for (map, keys) in self.delete_elements {
+            script.elements(false, table, map.name(), keys);
         }
-        for (map, elements) in &self.add_elements {
-            script.elements("add", table, *map, elements);
+        for (map, elements) in self.add_elements {
+            script.elements(true, table, map.name(), elements);
         }
-        script.set_elements("delete", table, HAIRPIN, &self.delete_hairpin);
-        script.set_elements("add", table, HAIRPIN, &self.add_hairpin);
+        let hairpin = |keys: BTreeSet<&Key>| {
+            keys.into_iter().map(|k| Element { key: k.clone(), verdict: None }).collect()
+        };
+        script.elements(false, table, HAIRPIN, hairpin(self.delete_hairpin));
+        script.elements(true, table, HAIRPIN, hairpin(self.add_hairpin));
         // Chains go before sets: a chain being deleted may still refer to a set being deleted.
         for name in &self.delete_chains {
-            script.line(format_args!("flush chain {table} {name}"));
+            script.push(Command::FlushChain { table, name: (*name).clone() });
         }
-        for name in &self.delete_chains {
-            script.line(format_args!("delete chain {table} {name}"));
+        for name in self.delete_chains {
+            script.push(Command::DeleteChain { table, name: name.clone() });
         }
-        for name in &self.delete_sets {
-            script.line(format_args!("delete set {table} {name}"));
+        for name in self.delete_sets {
+            script.push(Command::DeleteSet { table, name: name.clone(), map: false });
         }
     }
 }
@@ -1042,7 +1093,7 @@ pub fn render_partial(
     plans: &[ServicePlan],
     changed: &BTreeSet<ServicePortName>,
 ) -> Rendering {
-    let fresh = render_services(plans, &previous.settings, Some(changed));
+    let mut fresh = render_services(plans, &previous.settings, Some(changed));
     let mut state = previous;
     let mut script = Script::default();
     let empty = ServiceRules::default();
@@ -1051,15 +1102,15 @@ pub fn render_partial(
     for family in Family::BOTH.map(|f| f.0) {
         let keys: BTreeSet<(IpFamily, ServicePortName)> =
             changed.iter().map(|n| (family, n.clone())).collect();
-        let mut add_hairpin: BTreeSet<&String> = BTreeSet::new();
-        let mut delete_hairpin: BTreeSet<&String> = BTreeSet::new();
+        let mut add_hairpin: BTreeSet<&Key> = BTreeSet::new();
+        let mut delete_hairpin: BTreeSet<&Key> = BTreeSet::new();
 
         for key in &keys {
             let old = state.services.get(key).unwrap_or(&empty);
             let new = fresh.get(key).unwrap_or(&empty);
-            for (name, declaration) in &new.sets {
+            for (name, spec) in &new.sets {
                 if !old.sets.contains_key(name) {
-                    ops.entry(new.shard_table(family)).or_default().add_sets.push((name, declaration));
+                    ops.entry(new.shard_table(family)).or_default().add_sets.push((name, spec));
                 }
             }
             let old_chains: BTreeMap<(Table, &String), &ChainRules> =
@@ -1080,13 +1131,18 @@ pub fn render_partial(
             for ((map, k), verdict) in &old.elements {
                 if new.elements.get(&(*map, k.clone())) != Some(verdict) {
                     let changes = ops.entry(old.map_table(family, *map)).or_default();
-                    changes.delete_elements.entry(*map).or_default().push(k.clone());
+                    changes
+                        .delete_elements
+                        .entry(*map)
+                        .or_default()
+                        .push(Element { key: k.clone(), verdict: None });
                 }
             }
             for ((map, k), verdict) in &new.elements {
                 if old.elements.get(&(*map, k.clone())) != Some(verdict) {
                     let changes = ops.entry(new.map_table(family, *map)).or_default();
-                    changes.add_elements.entry(*map).or_default().push(format!("{k} : {verdict}"));
+                    let element = Element { key: k.clone(), verdict: Some(verdict.clone()) };
+                    changes.add_elements.entry(*map).or_default().push(element);
                 }
             }
             for set in old.sets.keys().filter(|s| !new.sets.contains_key(*s)) {
@@ -1097,7 +1153,7 @@ pub fn render_partial(
         }
         // A hairpin element stays while any other service port of the family still wants it.
         if !delete_hairpin.is_empty() {
-            let still_wanted = |e: &String| {
+            let still_wanted = |e: &Key| {
                 keys.iter().any(|k| fresh.get(k).is_some_and(|r| r.hairpin.contains(e)))
                     || state
                         .services
@@ -1112,16 +1168,22 @@ pub fn render_partial(
             changes.delete_hairpin = delete_hairpin;
         }
     }
-    for (table, changes) in &ops {
-        changes.write(*table, &mut script);
+    for (table, changes) in ops {
+        changes.write(table, &mut script);
     }
 
-    // The new state: the changed service ports' rules replace (or remove) their old ones.
+    // The new state: the changed service ports' rules replace (or remove) their old ones, without
+    // their rules (the digests stay).
     for family in Family::BOTH {
         for name in changed {
             state.services.remove(&(family.0, name.clone()));
         }
     }
-    state.services.extend(without_text(fresh));
-    Rendering { script: script.text, lines: script.lines, cuts: Vec::new(), state, full: false }
+    for rules in fresh.values_mut() {
+        for (_, _, chain) in rules.all_chains_mut(IpFamily::V4) {
+            chain.take_rules();
+        }
+    }
+    state.services.extend(fresh);
+    Rendering { lines: script.lines, commands: script.commands, cuts: Vec::new(), state, full: false }
 }

@@ -66,28 +66,26 @@ pub enum Field {
 }
 
 impl Field {
-    fn display(self, family: IpFamily) -> impl Display {
+    fn write(self, f: &mut fmt::Formatter<'_>, family: IpFamily) -> fmt::Result {
         let ip = family_kw(family);
-        fmt::from_fn(move |f| match self {
+        match self {
             Self::Saddr => write!(f, "{ip} saddr"),
             Self::Daddr => write!(f, "{ip} daddr"),
             Self::L4proto => f.write_str("meta l4proto"),
             Self::Dport => f.write_str("th dport"),
-        })
+        }
     }
 }
 
 /// `a . b . c`: a concatenation of fields.
-fn concat(fields: &[Field], family: IpFamily) -> impl Display {
-    fmt::from_fn(move |f| {
-        for (i, field) in fields.iter().enumerate() {
-            if i > 0 {
-                f.write_str(" . ")?;
-            }
-            write!(f, "{}", field.display(family))?;
+fn write_concat(f: &mut fmt::Formatter<'_>, fields: &[Field], family: IpFamily) -> fmt::Result {
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            f.write_str(" . ")?;
         }
-        Ok(())
-    })
+        field.write(f, family)?;
+    }
+    Ok(())
 }
 
 fn family_kw(family: IpFamily) -> &'static str {
@@ -95,14 +93,6 @@ fn family_kw(family: IpFamily) -> &'static str {
         IpFamily::V4 => "ip",
         IpFamily::V6 => "ip6",
     }
-}
-
-/// `10.0.0.1:80` or `[fd00::1]:80`.
-fn socket(ip: IpAddr, port: u16) -> impl Display {
-    fmt::from_fn(move |f| match ip {
-        IpAddr::V4(ip) => write!(f, "{ip}:{port}"),
-        IpAddr::V6(ip) => write!(f, "[{ip}]:{port}"),
-    })
 }
 
 /// One statement of a rule: a match, a lookup, an action or a verdict.
@@ -116,11 +106,21 @@ pub enum Stmt {
     FibLocal(Field),
     /// `ip saddr 10.0.0.0/8`, `ip daddr != 127.0.0.0/8`, `meta l4proto tcp`: equality with a value,
     /// or membership of a network.
-    Cmp { field: Field, negate: bool, value: Value },
+    Cmp {
+        field: Field,
+        negate: bool,
+        value: Value,
+    },
     /// `ip saddr . ip daddr @set`: membership of a named set.
-    Lookup { fields: Vec<Field>, set: String },
+    Lookup {
+        fields: Vec<Field>,
+        set: String,
+    },
     /// `ip daddr . meta l4proto . th dport vmap @map`: the verdict of a named map, if any.
-    Vmap { fields: Vec<Field>, map: String },
+    Vmap {
+        fields: Vec<Field>,
+        map: String,
+    },
     /// `meta mark & MASK == 0`
     MarkClear(u32),
     /// `meta mark set meta mark | BITS`
@@ -175,16 +175,24 @@ impl Display for Rule {
                     write!(f, "fib {which} type local")?;
                 }
                 Stmt::Cmp { field, negate, value } => {
+                    field.write(f, family)?;
                     let op = if *negate { "!= " } else { "" };
-                    write!(f, "{} {op}{value}", field.display(family))?;
+                    write!(f, " {op}{value}")?;
                 }
-                Stmt::Lookup { fields, set } => write!(f, "{} @{set}", concat(fields, family))?,
-                Stmt::Vmap { fields, map } => write!(f, "{} vmap @{map}", concat(fields, family))?,
+                Stmt::Lookup { fields, set } => {
+                    write_concat(f, fields, family)?;
+                    write!(f, " @{set}")?;
+                }
+                Stmt::Vmap { fields, map } => {
+                    write_concat(f, fields, family)?;
+                    write!(f, " vmap @{map}")?;
+                }
                 Stmt::MarkClear(mask) => write!(f, "meta mark & {mask:#x} == 0")?,
                 Stmt::MarkOr(bits) => write!(f, "meta mark set meta mark | {bits:#x}")?,
                 Stmt::MarkXor(bits) => write!(f, "meta mark set meta mark ^ {bits:#x}")?,
                 Stmt::NumgenIsZero(modulus) => write!(f, "numgen random mod {modulus} 0")?,
-                Stmt::Dnat(addr, port) => write!(f, "dnat to {}", socket(*addr, *port))?,
+                Stmt::Dnat(IpAddr::V4(addr), port) => write!(f, "dnat to {addr}:{port}")?,
+                Stmt::Dnat(IpAddr::V6(addr), port) => write!(f, "dnat to [{addr}]:{port}")?,
                 Stmt::DnatNumgenMap(targets) => {
                     write!(f, "dnat {ip} to numgen random mod {} map {{ ", targets.len())?;
                     for (i, (addr, port)) in targets.iter().enumerate() {
@@ -364,16 +372,50 @@ impl Display for Hook {
 pub enum Command {
     AddTable(Table),
     DeleteTable(Table),
-    AddChain { table: Table, name: String, hook: Option<Hook> },
-    FlushChain { table: Table, name: String },
-    DeleteChain { table: Table, name: String },
-    AddRule { table: Table, chain: String, rule: Rule },
-    AddSet { table: Table, name: String, spec: SetSpec },
+    AddChain {
+        table: Table,
+        name: String,
+        hook: Option<Hook>,
+    },
+    FlushChain {
+        table: Table,
+        name: String,
+    },
+    DeleteChain {
+        table: Table,
+        name: String,
+    },
+    AddRule {
+        table: Table,
+        chain: String,
+        rule: Rule,
+    },
+    AddSet {
+        table: Table,
+        name: String,
+        spec: SetSpec,
+    },
     /// Flushes a set or map (`map` says which, for the syntax).
-    FlushSet { table: Table, name: String, map: bool },
-    DeleteSet { table: Table, name: String, map: bool },
-    AddElements { table: Table, set: String, elements: Vec<Element> },
-    DeleteElements { table: Table, set: String, elements: Vec<Element> },
+    FlushSet {
+        table: Table,
+        name: String,
+        map: bool,
+    },
+    DeleteSet {
+        table: Table,
+        name: String,
+        map: bool,
+    },
+    AddElements {
+        table: Table,
+        set: String,
+        elements: Vec<Element>,
+    },
+    DeleteElements {
+        table: Table,
+        set: String,
+        elements: Vec<Element>,
+    },
 }
 
 /// The comment on every table of ours.
@@ -396,7 +438,9 @@ impl Display for Command {
         match self {
             Self::AddTable(table) => writeln!(f, "add table {table} {{ comment \"{TABLE_COMMENT}\"; }}"),
             Self::DeleteTable(table) => writeln!(f, "delete table {table}"),
-            Self::AddChain { table, name, hook: Some(hook) } => writeln!(f, "add chain {table} {name} {{ {hook} }}"),
+            Self::AddChain { table, name, hook: Some(hook) } => {
+                writeln!(f, "add chain {table} {name} {{ {hook} }}")
+            }
             Self::AddChain { table, name, hook: None } => writeln!(f, "add chain {table} {name}"),
             Self::FlushChain { table, name } => writeln!(f, "flush chain {table} {name}"),
             Self::DeleteChain { table, name } => writeln!(f, "delete chain {table} {name}"),
