@@ -19,8 +19,8 @@ use fleetproxy_agent::{
     exec::Runner,
     model::{IpFamily, Protocol, ServicePortName},
     nftables::{
-        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, render::script, render_full,
-        render_partial,
+        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, count, render::script,
+        render_full, render_partial,
     },
     policy::{NodeSettings, ServicePlan, Target},
 };
@@ -358,6 +358,8 @@ fn kernel_accepts_full_and_partial_scripts() {
     let full = render_full(&plans_before(), &settings(), &KernelObjects::default());
     ns.check(&full.script());
     ns.apply(&full.script());
+    // What the kernel holds, read back over netlink, is what the sync says it holds.
+    assert_eq!(count::kernel_objects(Some(&ns.0)).expect("read back"), full.state.objects());
     // Applying the same full sync again on a programmed kernel (an agent restart) is accepted.
     let again = render_full(&plans_before(), &settings(), &full.state.objects());
     ns.apply(&again.script());

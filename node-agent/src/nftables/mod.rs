@@ -9,7 +9,7 @@
 
 pub mod count;
 pub mod names;
-pub mod readback;
+pub mod netlink;
 pub mod render;
 pub mod ruleset;
 
@@ -83,16 +83,12 @@ impl NftablesProxier {
         })?
     }
 
-    /// The names of our chains, sets and maps in the kernel, per family. Listing declarations
-    /// only (`list chains`, `list sets`, `list maps`, terse) is far cheaper than listing the table
-    /// with its rules.
+    /// The names of our chains, sets and maps in the kernel, per table.
     async fn kernel_objects(&self) -> Result<KernelObjects, DataPlaneError> {
-        let mut listings = Vec::new();
-        for kind in ["chains", "sets", "maps"] {
-            listings.push(self.runner.run(NFT, &["-j", "-t", "list", kind], None).await?);
-        }
-        readback::kernel_objects(&listings)
-            .map_err(|message| DataPlaneError::ReadBack { what: "nftables objects".into(), message })
+        let netns = self.runner.netns().map(str::to_owned);
+        tokio::task::spawn_blocking(move || count::kernel_objects(netns.as_deref())).await.map_err(|e| {
+            DataPlaneError::ReadBack { what: "nftables objects".into(), message: e.to_string() }
+        })?
     }
 }
 
