@@ -197,9 +197,9 @@ pub fn kernel_objects(netns: Option<&str>) -> Result<KernelObjects, DataPlaneErr
             for (kind, value) in attributes(attrs).map_err(|e| e.to_string())? {
                 match kind {
                     // NFTA_CHAIN_TABLE and NFTA_SET_TABLE are both 1.
-                    NFTA_CHAIN_TABLE => table = string(&value).map(str::to_owned),
-                    NFTA_CHAIN_NAME if message == NFT_MSG_GETCHAIN => name = string(&value).map(str::to_owned),
-                    NFTA_SET_NAME if message == NFT_MSG_GETSET => name = string(&value).map(str::to_owned),
+                    NFTA_CHAIN_TABLE => table = string(value).map(str::to_owned),
+                    NFTA_CHAIN_NAME if message == NFT_MSG_GETCHAIN => name = string(value).map(str::to_owned),
+                    NFTA_SET_NAME if message == NFT_MSG_GETSET => name = string(value).map(str::to_owned),
                     NFTA_SET_FLAGS if message == NFT_MSG_GETSET => {
                         flags = value.get(0..4).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
                     }
