@@ -16,6 +16,7 @@ use fleetproxy_agent::{
     model::{IpFamily, Protocol, ServicePortName},
     policy::{NodeSettings, ServicePlan, Target},
 };
+use proptest::prelude::*;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test IP")
@@ -171,7 +172,8 @@ fn full_sync_over_existing_state() {
 }
 
 /// One service's endpoints change and another service goes away: only their chains are written or
-/// deleted; the dispatch chains are rewritten whole.
+/// deleted, and of the top-level chains only nat `FP-SERVICES` (the removed service's cluster IP),
+/// whole.
 #[test]
 fn partial_sync_ipv4() {
     let before = plans();
@@ -193,14 +195,114 @@ fn partial_sync_ipv4() {
         IpFamily::V4,
         &after,
         &settings(),
-        &Mode::Partial { changed: &changed, previous: &full.service_chains },
+        &Mode::Partial { changed: &changed, previous: &full.applied },
         Split::Never,
     );
 
     let untouched = render::service_chain("SVC", &after[1].name, Protocol::Tcp);
     assert!(!rendered.text.contains(&format!(":{untouched} ")), "unchanged chain declared (flushed)");
     assert!(rendered.text.contains(&format!("-j {untouched}")), "unchanged service still dispatched");
+    let declared = commands(&rendered.text);
+    assert!(!declared.contains_key("filter"), "filter table unchanged:\n{}", rendered.text);
+    assert!(declared["nat"].declared.contains("FP-SERVICES - [0:0]"));
+    for chain in ["FP-NODEPORTS", "FP-POSTROUTING", "FP-MARK-MASQ"] {
+        assert!(!declared["nat"].declared.contains(&format!("{chain} - [0:0]")), "{chain} rewritten");
+    }
     check("iptables-partial-v4.txt", &rendered.text);
+}
+
+/// A partial render of `after` over the full render of `before`, with every service port whose
+/// plan differs (or that was added or removed) marked changed.
+fn partial_after(before: &[ServicePlan], after: &[ServicePlan], split: Split) -> render::Rendered {
+    let full = render::render(
+        IpFamily::V4,
+        before,
+        &settings(),
+        &Mode::Full { existing: &KernelChains::default() },
+        Split::Never,
+    );
+    let changed = changed_names(before, after);
+    let mode = Mode::Partial { changed: &changed, previous: &full.applied };
+    render::render(IpFamily::V4, after, &settings(), &mode, split)
+}
+
+fn changed_names(before: &[ServicePlan], after: &[ServicePlan]) -> BTreeSet<ServicePortName> {
+    // Plans of both families share a name.
+    let of = |plans: &[ServicePlan], name: &ServicePortName| -> Vec<ServicePlan> {
+        plans.iter().filter(|p| p.name == *name).cloned().collect()
+    };
+    before.iter().chain(after).map(|p| &p.name).filter(|n| of(before, n) != of(after, n)).cloned().collect()
+}
+
+/// An endpoint moves within a service (the number of endpoints stays): nothing but that service's
+/// chains is written; no top-level chain is declared, so none is flushed.
+#[test]
+fn partial_sync_endpoint_change_leaves_top_level_chains_alone() {
+    let before = plans();
+    let mut after = before.clone();
+    after[0].cluster_targets[2].ip = ip("10.244.3.9");
+    after[0].external_targets[2].ip = ip("10.244.3.9");
+    for split in [Split::Never, Split::Chains(2)] {
+        let rendered = partial_after(&before, &after, split);
+        let tables = commands(&rendered.text);
+        assert!(!tables.contains_key("filter"), "{}", rendered.text);
+        assert!(tables.contains_key("nat"), "{split:?}: {}", rendered.text);
+        let fixed = [
+            render::SERVICES,
+            render::NODEPORTS,
+            render::POSTROUTING,
+            render::MARK_MASQ,
+            render::MARK_MASQ_OFF_CLUSTER,
+        ];
+        for chain in fixed {
+            assert!(!tables["nat"].declared.contains(&format!("{chain} - [0:0]")), "{}", rendered.text);
+            assert!(!tables["nat"].rules.contains_key(chain), "{}", rendered.text);
+        }
+        if split == Split::Never {
+            check("iptables-partial-endpoints-v4.txt", &rendered.text);
+        }
+    }
+
+    // Nothing changed at all: nothing to send.
+    let rendered = partial_after(&before, &before, Split::Never);
+    assert_eq!(rendered.text, "");
+    assert_eq!(rendered.lines, 0);
+}
+
+/// A service added: its dispatch rules (nat `FP-SERVICES` and `FP-NODEPORTS`) come with it, and
+/// the filter table is left alone. A service losing its last endpoint: nat `FP-SERVICES` loses
+/// its rule, filter `FP-SERVICES` gains the REJECT.
+#[test]
+fn partial_sync_service_added_or_emptied_rewrites_dispatch() {
+    let before: Vec<ServicePlan> = plans().into_iter().take(3).collect();
+    let mut added = before[0].clone();
+    added.name = name("shop", "web2", "http", Protocol::Tcp);
+    added.cluster_ips = vec![ip("10.96.0.11")];
+    added.external_ips.clear();
+    added.node_port = Some(30082);
+    let mut after = before.clone();
+    after.push(added);
+    let rendered = partial_after(&before, &after, Split::Never);
+    let tables = commands(&rendered.text);
+    assert!(!tables.contains_key("filter"), "{}", rendered.text);
+    let nat = &tables["nat"];
+    let declared: BTreeSet<&str> = nat.declared.iter().filter_map(|d| d.split(' ').next()).collect();
+    assert!(declared.is_superset(&[render::SERVICES, render::NODEPORTS].into()), "{}", rendered.text);
+    assert!(!declared.contains(render::POSTROUTING), "{}", rendered.text);
+    assert!(nat.rules[render::SERVICES].iter().any(|r| r.contains("shop/web2:http cluster IP")));
+
+    let mut emptied = before.clone();
+    emptied[0].cluster_targets.clear();
+    emptied[0].external_targets.clear();
+    let rendered = partial_after(&before, &emptied, Split::Never);
+    let tables = commands(&rendered.text);
+    assert_eq!(
+        tables["filter"].declared,
+        ["FP-SERVICES - [0:0]".to_owned(), "FP-EXTERNAL-SERVICES - [0:0]".to_owned()].into()
+    );
+    let declared: BTreeSet<&str> =
+        tables["nat"].declared.iter().filter_map(|d| d.split(' ').next()).collect();
+    assert!(declared.contains(render::SERVICES) && declared.contains(render::NODEPORTS), "{}", rendered.text);
 }
 
 /// Settings variants: several cluster CIDRs (masquerade through the off-cluster chain) and node
@@ -278,7 +380,7 @@ fn split_full_sync_ipv4() {
     let split = render::render(IpFamily::V4, &plans(), &settings(), &mode, Split::Chains(5));
     let single = render::render(IpFamily::V4, &plans(), &settings(), &mode, Split::Never);
     assert_eq!(split.lines, split.text.lines().count());
-    assert_eq!(split.service_chains, single.service_chains);
+    assert_eq!(split.applied, single.applied);
     assert_eq!(commands(&split.text), commands(&single.text));
     assert_eq!(split.text.matches("*nat\n").count(), 7, "4 blocks, dispatch, flush, delete");
     check("iptables-split-v4.txt", &split.text);
@@ -305,10 +407,140 @@ fn split_partial_sync_ipv4() {
     after[1].cluster_targets.pop();
     let removed = after.remove(4).name;
     let changed: BTreeSet<ServicePortName> = [after[0].name.clone(), after[1].name.clone(), removed].into();
-    let mode = Mode::Partial { changed: &changed, previous: &full.service_chains };
+    let mode = Mode::Partial { changed: &changed, previous: &full.applied };
     let split = render::render(IpFamily::V4, &after, &settings(), &mode, Split::Chains(2));
     let single = render::render(IpFamily::V4, &after, &settings(), &mode, Split::Never);
     assert!(split.text.matches("COMMIT").count() > 3, "{}", split.text);
-    assert_eq!(split.service_chains, single.service_chains);
+    assert_eq!(split.applied, single.applied);
     assert_eq!(commands(&split.text), commands(&single.text));
+}
+
+/// The tables as `iptables-restore --noflush` leaves them: per (table, chain), its rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Kernel(BTreeMap<(String, String), Vec<String>>);
+
+impl Kernel {
+    /// Applies restore input as the kernel would, checking what it would refuse: a rule into an
+    /// undeclared chain of ours, a jump to a chain that does not exist at COMMIT, deleting a
+    /// referenced chain.
+    fn apply(&mut self, text: &str) {
+        let mut table = String::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('*') {
+                table = name.to_owned();
+            } else if let Some(decl) = line.strip_prefix(':') {
+                let chain = decl.split(' ').next().expect("chain");
+                self.0.insert((table.clone(), chain.to_owned()), Vec::new());
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let chain = rule.split(' ').next().expect("chain");
+                let rules = self.0.get_mut(&(table.clone(), chain.to_owned()));
+                rules.unwrap_or_else(|| panic!("-A into missing chain: {line}")).push(rule.to_owned());
+            } else if let Some(rest) = line.strip_prefix("-I ") {
+                let mut words = rest.splitn(3, ' ');
+                let chain = words.next().expect("chain");
+                let at: usize = words.next().and_then(|n| n.parse().ok()).expect("position");
+                let spec = words.next().expect("spec");
+                let rules = self.0.entry((table.clone(), chain.to_owned())).or_default();
+                rules.insert(at - 1, format!("{chain} {spec}"));
+            } else if let Some(chain) = line.strip_prefix("-X ") {
+                let key = (table.clone(), chain.to_owned());
+                assert_eq!(
+                    self.0.get(&key).map(Vec::len),
+                    Some(0),
+                    "-X of a missing or non-empty chain: {chain}"
+                );
+                let target = format!(" -j {chain}");
+                assert!(
+                    !self
+                        .0
+                        .iter()
+                        .any(|((t, _), rules)| *t == table && rules.iter().any(|r| r.ends_with(&target))),
+                    "-X of a referenced chain: {chain}"
+                );
+                self.0.remove(&key);
+            } else {
+                assert_eq!(line, "COMMIT");
+                for ((t, _), rules) in &self.0 {
+                    for rule in rules.iter().filter(|_| *t == table) {
+                        if let Some((_, target)) = rule.rsplit_once(" -j FP-") {
+                            let target = format!("FP-{}", target.split(' ').next().expect("target"));
+                            assert!(self.0.contains_key(&(table.clone(), target)), "dangling jump: {rule}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A small, varied V4 service: `endpoints` picks from five pod addresses.
+fn generated(index: usize, endpoints: u8, node_port: bool, local: bool, affinity: bool) -> ServicePlan {
+    let targets: Vec<Target> = (0..5u8)
+        .filter(|bit| endpoints & (1 << bit) != 0)
+        .map(|bit| target(&format!("10.244.{bit}.{}", index + 2), 8080, bit % 2 == 0))
+        .collect();
+    let mut p = plan(
+        name("gen", &format!("svc-{index}"), "p", Protocol::Tcp),
+        IpFamily::V4,
+        80,
+        &format!("10.96.1.{index}"),
+        targets.clone(),
+    );
+    if node_port {
+        p.node_port = Some(31000 + u16::try_from(index).expect("index"));
+    }
+    if local {
+        p.external_policy_local = true;
+        p.external_targets = targets.into_iter().filter(|t| t.is_local).collect();
+    }
+    if affinity {
+        p.session_affinity = Some(Duration::from_secs(30));
+    }
+    p
+}
+
+type Spec = Vec<Option<(u8, bool, bool, bool)>>;
+
+fn plans_of(spec: &Spec) -> Vec<ServicePlan> {
+    spec.iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|(eps, np, local, aff)| generated(i, eps, np, local, aff)))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Partial syncs one after another leave the kernel, and the applied state, as one full sync
+    /// of the last plans would: whatever the top-level chains they left out.
+    #[test]
+    fn partial_after_partial_equals_full(
+        steps in prop::collection::vec(
+            prop::collection::vec(
+                prop::option::weighted(0.8, (0u8..32, any::<bool>(), prop::bool::weighted(0.2), prop::bool::weighted(0.2))),
+                6,
+            ),
+            2..6,
+        ),
+        split in prop_oneof![Just(Split::Never), (1usize..6).prop_map(Split::Chains)],
+    ) {
+        let mut kernel = Kernel::default();
+        let first = plans_of(&steps[0]);
+        let full = render::render(IpFamily::V4, &first, &settings(), &Mode::Full { existing: &KernelChains::default() }, split);
+        kernel.apply(&full.text);
+        let (mut applied, mut previous) = (full.applied, first);
+        for spec in &steps[1..] {
+            let plans = plans_of(spec);
+            let changed = changed_names(&previous, &plans);
+            let partial = render::render(IpFamily::V4, &plans, &settings(), &Mode::Partial { changed: &changed, previous: &applied }, split);
+            kernel.apply(&partial.text);
+
+            let mut fresh = Kernel::default();
+            let full = render::render(IpFamily::V4, &plans, &settings(), &Mode::Full { existing: &KernelChains::default() }, Split::Never);
+            fresh.apply(&full.text);
+            prop_assert_eq!(&kernel, &fresh);
+            prop_assert_eq!(&partial.applied, &full.applied);
+            (applied, previous) = (partial.applied, plans);
+        }
+    }
 }

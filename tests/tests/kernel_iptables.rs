@@ -327,6 +327,71 @@ async fn partial_update_changes_only_what_changed() {
     assert!(!after.contains(&svc_c), "chain of a removed service left:\n{after}");
 }
 
+/// Partial syncs that leave the top-level chains out when their rules are unchanged: an endpoint
+/// move keeps nat `FP-SERVICES` as it is (its counters survive), a service added by a partial sync
+/// is reachable on its cluster IP and node port, one that loses its endpoints is refused and comes
+/// back with them.
+#[tokio::test]
+async fn partial_updates_rewrite_top_level_chains_only_when_they_change() {
+    let mut env = Env::new(3);
+    let a = plan("a", Protocol::Tcp, "10.96.0.51", 80, env.targets(&[0], false, TCP_PORT));
+    let b = plan("b", Protocol::Tcp, "10.96.0.52", 80, env.targets(&[1], false, TCP_PORT));
+    env.sync(&[a.clone(), b.clone()], &Changes::Full).await;
+    assert_eq!(answered(env.node().probe(Proto::Tcp, addr("10.96.0.51", 80), TIMEOUT)), "pod-1");
+    // Counters of the nat FP-SERVICES rules: reset whenever the chain is rewritten.
+    let counters = |env: &Env| -> Vec<String> {
+        let save = env.node().run("iptables-save", &["-c", "-t", "nat"]).expect("iptables-save -c");
+        save.lines().filter(|l| l.contains("] -A FP-SERVICES ")).map(String::from).collect()
+    };
+    let before = counters(&env);
+    assert!(before.iter().any(|l| !l.starts_with("[0:0]")), "no packet counted: {before:?}");
+
+    let partial = async |env: &mut Env, plans: &[ServicePlan], changed: &[&ServicePlan]| {
+        let changed = Changes::Services(changed.iter().map(|p| p.name.clone()).collect());
+        let stats = env.proxier.sync(plans, &env.settings, &changed).await.expect("partial sync");
+        assert!(!stats.full);
+    };
+
+    // a moves from pod-1 to pod-3: only a's chains are written.
+    let a2 = ServicePlan {
+        cluster_targets: env.targets(&[2], false, TCP_PORT),
+        external_targets: env.targets(&[2], false, TCP_PORT),
+        ..a.clone()
+    };
+    partial(&mut env, &[a2.clone(), b.clone()], &[&a2]).await;
+    assert_eq!(counters(&env), before, "FP-SERVICES was rewritten");
+    let counts = tally(&env.node().probe_many(Proto::Tcp, addr("10.96.0.51", 80), 10, TIMEOUT));
+    assert_eq!(counts.keys().collect::<Vec<_>>(), ["pod-3"], "{counts:?}");
+
+    // c is added with a node port.
+    let mut c = plan("c", Protocol::Tcp, "10.96.0.53", 80, env.targets(&[1], false, TCP_PORT));
+    c.node_port = Some(30053);
+    partial(&mut env, &[a2.clone(), b.clone(), c.clone()], &[&c]).await;
+    assert_eq!(answered(env.node().probe(Proto::Tcp, addr("10.96.0.53", 80), TIMEOUT)), "pod-2");
+    let node_port = SocketAddr::new(env.lab.node_ip_v4().into(), 30053);
+    assert_eq!(answered(env.clients[0].netns.probe(Proto::Tcp, node_port, TIMEOUT)), "pod-2");
+
+    // b loses its endpoints (refused), then gets them back.
+    let empty = ServicePlan { cluster_targets: vec![], external_targets: vec![], ..b.clone() };
+    partial(&mut env, &[a2.clone(), empty.clone(), c.clone()], &[&empty]).await;
+    let outcome = env.node().probe(Proto::Tcp, addr("10.96.0.52", 80), TIMEOUT);
+    assert_eq!(outcome, Outcome::Refused);
+    partial(&mut env, &[a2.clone(), b.clone(), c.clone()], &[&b]).await;
+    assert_eq!(answered(env.node().probe(Proto::Tcp, addr("10.96.0.52", 80), TIMEOUT)), "pod-2");
+    assert_eq!(answered(env.node().probe(Proto::Tcp, addr("10.96.0.51", 80), TIMEOUT)), "pod-3");
+
+    // The same rules as a full sync of these plans writes.
+    let partial_state = env.save(false);
+    env.sync(&[a2, b, c], &Changes::Full).await;
+    let rules = |save: &str| -> Vec<String> {
+        save.lines()
+            .filter(|l| l.starts_with("-A ") || l.starts_with(":FP-"))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_owned())
+            .collect()
+    };
+    assert_eq!(rules(&partial_state), rules(&env.save(false)));
+}
+
 #[tokio::test]
 async fn cleanup_removes_ours_and_keeps_foreign_rules() {
     let mut env = Env::new(1);
@@ -409,7 +474,6 @@ async fn resync_after_restart_keeps_traffic_flowing() {
     tally(&env.node().probe_many(Proto::Tcp, addr("fd00:96::40", 80), 5, TIMEOUT));
 }
 
-/// Not an assertion: how long rendering and applying 1,000 services × 10 endpoints takes here.
 /// The nf_tables layout that cuts large nat updates into several transactions ("Transactions" in
 /// the renderer), forced on a small ruleset: across a first sync, a partial update and a full resync
 /// that deletes stale chains it programs exactly what one transaction programs, and serves traffic.
@@ -475,61 +539,60 @@ async fn split_layout_programs_what_one_transaction_programs() {
     assert_eq!(states[0], states[1]);
 }
 
+/// Not an assertion: how long rendering and applying 1,000 services × 10 endpoints takes here
+/// (`FLEETPROXY_SCALE_SERVICES` and `FLEETPROXY_SCALE_ENDPOINTS` set other counts): full syncs,
+/// partial syncs of one endpoint change and of one service added, the read-back and the clean-up.
 #[tokio::test]
 #[ignore = "measurement; run with --ignored --nocapture"]
 async fn scale_1000_services_x_10_endpoints() {
+    let count = |var: &str, default: u32| -> u32 {
+        std::env::var(var).ok().and_then(|n| n.parse().ok()).unwrap_or(default)
+    };
+    let services = count("FLEETPROXY_SCALE_SERVICES", 1000);
+    let endpoints = count("FLEETPROXY_SCALE_ENDPOINTS", 10);
     let mut env = Env::new(1);
-    let plans: Vec<ServicePlan> = (0..1000u32)
-        .map(|i| {
-            let targets = (0..10u32)
-                .map(|j| Target {
-                    ip: IpAddr::from([10, 200 + (j as u8), (i / 256) as u8, (i % 256) as u8]),
-                    port: 8080,
-                    is_local: false,
-                })
-                .collect();
-            let mut p = plan(
-                &format!("svc-{i}"),
-                Protocol::Tcp,
-                &format!("10.97.{}.{}", i / 256, i % 256),
-                80,
-                targets,
-            );
-            p.node_port = Some(30000 + u16::try_from(i).expect("port"));
-            p
-        })
-        .collect();
+    let service = |i: u32| {
+        // Endpoints from 10.192.0.0 on, cluster IPs from 10.97.0.0 on.
+        let targets = (0..endpoints)
+            .map(|j| Target {
+                ip: IpAddr::from(std::net::Ipv4Addr::from(0x0ac0_0000 + i * endpoints + j)),
+                port: 8080,
+                is_local: false,
+            })
+            .collect();
+        let ip = std::net::Ipv4Addr::from(0x0a61_0000 + i).to_string();
+        let mut p = plan(&format!("svc-{i}"), Protocol::Tcp, &ip, 80, targets);
+        p.node_port = u16::try_from(i).ok().and_then(|i| i.checked_add(30000));
+        p
+    };
+    let plans: Vec<ServicePlan> = (0..services).map(service).collect();
+    println!("{services} services x {endpoints} endpoints");
 
-    let started = Instant::now();
-    let full = env.proxier.sync(&plans, &env.settings, &Changes::Full).await.expect("full sync");
-    let total = started.elapsed();
-    println!(
-        "full sync: render {:?}, apply {:?} (incl. iptables-save read), total {:?}, {} lines",
-        full.render, full.apply, total, full.payload_size
-    );
-
-    let started = Instant::now();
-    let again = env.proxier.sync(&plans, &env.settings, &Changes::Full).await.expect("second full sync");
-    println!(
-        "second full sync over existing rules: render {:?}, apply {:?}, total {:?}",
-        again.render,
-        again.apply,
-        started.elapsed()
-    );
+    // Syncs `plans` and prints what it cost.
+    let timed = async |env: &mut Env, what: &str, plans: &[ServicePlan], changes: &Changes| {
+        let started = Instant::now();
+        let stats = env.proxier.sync(plans, &env.settings, changes).await.expect(what);
+        println!(
+            "{what}: render {:?}, apply {:?} (a full sync's includes the iptables-save read), total {:?}, {} lines",
+            stats.render,
+            stats.apply,
+            started.elapsed(),
+            stats.payload_size
+        );
+    };
+    timed(&mut env, "full sync", &plans, &Changes::Full).await;
+    timed(&mut env, "second full sync over existing rules", &plans, &Changes::Full).await;
 
     let mut changed_plans = plans.clone();
-    changed_plans[500].cluster_targets.truncate(5);
-    changed_plans[500].external_targets.truncate(5);
-    let changed = Changes::Services([changed_plans[500].name.clone()].into());
-    let started = Instant::now();
-    let partial = env.proxier.sync(&changed_plans, &env.settings, &changed).await.expect("partial sync");
-    println!(
-        "partial sync (1 service): render {:?}, apply {:?}, total {:?}, {} lines",
-        partial.render,
-        partial.apply,
-        started.elapsed(),
-        partial.payload_size
-    );
+    let middle = changed_plans.len() / 2;
+    changed_plans[middle].cluster_targets.pop();
+    changed_plans[middle].external_targets.pop();
+    let changed = Changes::Services([changed_plans[middle].name.clone()].into());
+    timed(&mut env, "partial sync (1 endpoint of 1 service removed)", &changed_plans, &changed).await;
+
+    changed_plans.push(service(services));
+    let changed = Changes::Services([changed_plans[changed_plans.len() - 1].name.clone()].into());
+    timed(&mut env, "partial sync (1 service added)", &changed_plans, &changed).await;
 
     let started = Instant::now();
     let count = env.proxier.rule_count().await.expect("count");

@@ -8,8 +8,8 @@
 //!
 //! Full syncs read our chains back from the kernel first, so that they add only missing jump rules
 //! and delete chains of ours nothing references any more. Partial syncs trust what the last
-//! successful sync wrote and rewrite only the changed services' chains; any failure makes the next
-//! sync a full one.
+//! successful sync wrote and rewrite only the changed services' chains and the top-level chains
+//! whose rules changed; any failure makes the next sync a full one.
 
 pub mod render;
 pub mod save;
@@ -23,7 +23,7 @@ use std::{
 use fleetproxy_api::ProxyMode;
 
 use self::{
-    render::{Mode, ServiceChains, Split, Table},
+    render::{Applied, Mode, Split, Table},
     save::TableDump,
 };
 use crate::{
@@ -64,9 +64,9 @@ fn on_path(tool: &str) -> bool {
 pub struct IptablesProxier {
     runner: Runner,
     families: Vec<IpFamily>,
-    /// Per family: the nat chains of every service as last applied; absent until a full sync of
-    /// that family succeeded.
-    applied: BTreeMap<IpFamily, ServiceChains>,
+    /// Per family: what the last successful sync wrote; absent until a full sync of that family
+    /// succeeded.
+    applied: BTreeMap<IpFamily, Applied>,
     /// A sync failed: the next one must be full, whatever the caller says.
     needs_full: bool,
     warned_no_ipv6: bool,
@@ -186,9 +186,11 @@ impl IptablesProxier {
         let render_time = started.elapsed();
 
         let started = Instant::now();
-        self.restore(family, &rendered.text).await?;
+        if !rendered.text.is_empty() {
+            self.restore(family, &rendered.text).await?;
+        }
         apply += started.elapsed();
-        self.applied.insert(family, rendered.service_chains);
+        self.applied.insert(family, rendered.applied);
         Ok((render_time, apply, rendered.lines))
     }
 }

@@ -25,11 +25,16 @@
 //!
 //! # Partial updates
 //! In `iptables-restore --noflush`, a `:CHAIN` line creates the chain, or flushes it if it exists.
-//! So, as kube-proxy does, a partial render declares (and rewrites) only the chains it writes: every
-//! top-level chain (cheap, and they reference every service), plus the per-service chains of the
-//! changed services. Chains of unchanged services are neither declared nor written, so the kernel
-//! keeps them as they are. Chains no longer needed are declared (flushed) and then deleted with `-X`
-//! after every rule that referenced them has been rewritten.
+//! So a partial render declares (and rewrites) only the chains it writes: the per-service chains of
+//! the changed services, and the top-level chains whose rules differ from what the last sync wrote
+//! (a digest of each is kept in [`Applied`]). Unlike kube-proxy, which rewrites its top-level chains
+//! on every sync, an endpoint change then leaves `FP-SERVICES` and `FP-NODEPORTS` alone: with
+//! 10,000 services, rewriting them is 20,000 rules naming 20,000 chains, most of a sync's cost
+//! (see "Transactions"). They change when a service is added or removed or gains or loses its
+//! endpoints, and are then rewritten whole. Chains of unchanged services are neither declared nor
+//! written, so the kernel keeps them as they are. Chains no longer needed are declared (flushed)
+//! and then deleted with `-X` after every rule that referenced them has been rewritten. A full
+//! render writes every chain.
 //!
 //! # Transactions
 //! Each `*table ... COMMIT` is one kernel transaction. The filter table is always one. The nat table
@@ -72,9 +77,9 @@ pub const MARK_MASQ_OFF_CLUSTER: &str = "FP-MARK-MASQ-OFFCLUSTER";
 pub const FORWARD: &str = "FP-FORWARD";
 pub const PROXY_FIREWALL: &str = "FP-PROXY-FIREWALL";
 
-/// Top-level nat chains, always (re)written.
+/// Top-level nat chains (and `FP-MARK-MASQ-OFFCLUSTER` with 2+ cluster CIDRs).
 const NAT_CHAINS: [&str; 4] = [SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ];
-/// Filter chains, always (re)written.
+/// Filter chains.
 pub const FILTER_CHAINS: [&str; 4] = [SERVICES, EXTERNAL_SERVICES, FORWARD, PROXY_FIREWALL];
 
 /// Above this many endpoints (all services, this family), per-endpoint rules go without comments,
@@ -161,26 +166,42 @@ pub struct KernelChains {
 /// The nat chains each service port owns (per family), as last written.
 pub type ServiceChains = BTreeMap<ServicePortName, BTreeSet<String>>;
 
+/// SHA-256 of a chain's rules (its `-A` lines).
+pub type ChainDigest = [u8; 32];
+
+/// The digest of each top-level chain's rules (filter and nat, by table and name), as last written.
+pub type FixedChains = BTreeMap<(Table, &'static str), ChainDigest>;
+
+/// What the last successful render of one family wrote, as the next partial render needs it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub service_chains: ServiceChains,
+    /// A partial render leaves out the top-level chains whose digest did not change.
+    pub fixed_chains: FixedChains,
+}
+
 /// How much to render.
 #[derive(Clone, Copy, Debug)]
 pub enum Mode<'a> {
     /// Rewrite every chain of ours, add missing jump rules, delete the chains of ours in `existing`
     /// that this render does not produce.
     Full { existing: &'a KernelChains },
-    /// Rewrite the top-level chains and the chains of the `changed` service ports only; `previous`
-    /// is what the last successful sync wrote (to delete what a changed service no longer needs).
-    Partial { changed: &'a BTreeSet<ServicePortName>, previous: &'a ServiceChains },
+    /// Rewrite the chains of the `changed` service ports and the top-level chains whose rules
+    /// changed, only; `previous` is what the last successful sync wrote (to delete what a changed
+    /// service no longer needs, and to compare the top-level chains with).
+    Partial { changed: &'a BTreeSet<ServicePortName>, previous: &'a Applied },
 }
 
 /// A rendered transaction for one address family.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rendered {
-    /// `iptables-restore --noflush` input: `*filter ... COMMIT`, `*nat ... COMMIT`.
+    /// `iptables-restore --noflush` input: `*filter ... COMMIT`, `*nat ... COMMIT`; empty when a
+    /// partial render has nothing to change.
     pub text: String,
     /// Lines in `text`.
     pub lines: usize,
-    /// The nat chains of every service port of this family once `text` is applied.
-    pub service_chains: ServiceChains,
+    /// What the kernel holds of this family once `text` is applied.
+    pub applied: Applied,
 }
 
 /// The first 80 bits of SHA-256 of `input`, in RFC 4648 base32: 16 characters `A-Z2-7`.
@@ -384,6 +405,10 @@ impl Section {
         let _ = writeln!(self.tail, "-X {name}");
     }
 
+    fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.head.is_empty() && self.rules.is_empty() && self.tail.is_empty()
+    }
+
     fn finish(self, table: Table, out: &mut String) {
         let _ = writeln!(out, "*{}", table.as_str());
         out.push_str(&self.chains);
@@ -439,12 +464,15 @@ impl Split {
 struct Nat<'a> {
     /// `-I` jump rules into builtin chains.
     head: String,
-    /// Rules of the fixed chains (`FP-POSTROUTING`, `FP-MARK-MASQ`, `FP-MARK-MASQ-OFFCLUSTER`).
+    /// The fixed chains written (of `FP-POSTROUTING`, `FP-MARK-MASQ`, `FP-MARK-MASQ-OFFCLUSTER`).
+    fixed_chains: Vec<&'static str>,
+    /// Their rules.
     fixed: String,
-    off_cluster: bool,
     /// `FP-SERVICES` is not in the kernel yet (a jump rule into it may come first).
     services_missing: bool,
-    /// `FP-SERVICES` and `FP-NODEPORTS` rules.
+    /// The dispatch chains written (of `FP-SERVICES` and `FP-NODEPORTS`).
+    dispatch_chains: Vec<&'static str>,
+    /// Their rules.
     dispatch: String,
     /// Rules of the per-service chains written, plan after plan.
     services: String,
@@ -455,14 +483,18 @@ struct Nat<'a> {
 }
 
 impl Nat<'_> {
-    fn fixed_chains(&self) -> impl Iterator<Item = &'static str> {
-        [POSTROUTING, MARK_MASQ].into_iter().chain(self.off_cluster.then_some(MARK_MASQ_OFF_CLUSTER))
-    }
-
-    /// Everything in one transaction, in rule order.
+    /// Everything in one transaction, in rule order; nothing if there is nothing to write.
     fn single(&self, chains: &ServiceChains, out: &mut String) {
+        if self.dispatch_chains.is_empty()
+            && self.fixed_chains.is_empty()
+            && self.written.is_empty()
+            && self.stale.is_empty()
+            && self.head.is_empty()
+        {
+            return;
+        }
         out.push_str("*nat\n");
-        for chain in [SERVICES, NODEPORTS].into_iter().chain(self.fixed_chains()) {
+        for chain in self.dispatch_chains.iter().chain(&self.fixed_chains) {
             declare(out, chain);
         }
         for (name, _) in &self.written {
@@ -484,7 +516,7 @@ impl Nat<'_> {
     }
 
     /// Several transactions: the fixed chains, missing jump rules and the first block of services;
-    /// the other blocks; the dispatch chains; then the stale chains, flushed and deleted. Each
+    /// the other blocks; the dispatch chains (if written); then the stale chains, flushed and deleted. Each
     /// service's chains are rewritten together and the dispatch chains last, so every state in
     /// between sends traffic to a consistent set of chains. Declarations come in descending order:
     /// each one is then the first in iptables-nft's sorted list of the transaction's chains.
@@ -506,7 +538,7 @@ impl Nat<'_> {
                 plans.iter().flat_map(|(name, _)| chains[*name].iter().map(String::as_str)).collect();
             if i == 0 {
                 // A loop, not `extend`: that would make every name `'static`.
-                for chain in self.fixed_chains() {
+                for &chain in &self.fixed_chains {
                     names.push(chain);
                 }
                 if self.services_missing {
@@ -528,11 +560,14 @@ impl Nat<'_> {
             out.push_str("COMMIT\n");
         }
 
-        out.push_str("*nat\n");
-        declare(out, SERVICES);
-        declare(out, NODEPORTS);
-        out.push_str(&self.dispatch);
-        out.push_str("COMMIT\n");
+        if !self.dispatch_chains.is_empty() {
+            out.push_str("*nat\n");
+            for chain in &self.dispatch_chains {
+                declare(out, chain);
+            }
+            out.push_str(&self.dispatch);
+            out.push_str("COMMIT\n");
+        }
 
         // Nothing references the stale chains any more.
         if !self.stale.is_empty() {
@@ -565,11 +600,6 @@ pub fn render(
     let mut filter = Section::default();
     // nat: only its head (jump rules) and rules (fixed chains) are used.
     let mut nat = Section::default();
-
-    // Top-level chains: always declared (flushed) and rewritten.
-    for chain in FILTER_CHAINS {
-        filter.chain(chain);
-    }
     let off_cluster = !ctx.masquerade_all && ctx.cluster_cidrs.len() > 1;
 
     if let Mode::Full { existing } = mode {
@@ -593,7 +623,7 @@ pub fn render(
         let write_chains = match mode {
             Mode::Full { .. } => true,
             Mode::Partial { changed, previous } => {
-                changed.contains(&plan.name) || !previous.contains_key(&plan.name)
+                changed.contains(&plan.name) || !previous.service_chains.contains_key(&plan.name)
             }
         };
         write_dispatch(&ctx, plan, &mut dispatch, &mut filter);
@@ -623,11 +653,11 @@ pub fn render(
         }
         Mode::Partial { changed, previous } => {
             for name in changed.iter() {
-                if let Some(old) = previous.get(name) {
+                if let Some(old) = previous.service_chains.get(name) {
                     stale.extend(old.iter().map(String::as_str).filter(|c| !active.contains(c)));
                 }
             }
-            previous.values().map(BTreeSet::len).sum()
+            previous.service_chains.values().map(BTreeSet::len).sum()
         }
     };
 
@@ -657,12 +687,32 @@ pub fn render(
     }
     dispatch_rules.rules.push_str(&dispatch.nodeports);
 
+    // Top-level chains: a partial render leaves out (neither declares nor writes) those whose rules
+    // are what the kernel holds already; with 10,000 services the dispatch chains are most of the
+    // cost of a sync otherwise.
+    let mut fixed_chains = FixedChains::new();
+    let (filter_chains, filter_rules) =
+        changed_chains(Table::Filter, &FILTER_CHAINS, filter.rules, mode, &mut fixed_chains);
+    let mut declarations = String::new();
+    for chain in filter_chains {
+        declare(&mut declarations, chain);
+    }
+    // Before the declarations of the chains to delete.
+    filter.chains.insert_str(0, &declarations);
+    filter.rules = filter_rules;
+    let fixed_nat: Vec<&'static str> =
+        [POSTROUTING, MARK_MASQ].into_iter().chain(off_cluster.then_some(MARK_MASQ_OFF_CLUSTER)).collect();
+    let (fixed_nat, fixed_rules) = changed_chains(Table::Nat, &fixed_nat, nat.rules, mode, &mut fixed_chains);
+    let (dispatch_chains, dispatch_rules) =
+        changed_chains(Table::Nat, &[SERVICES, NODEPORTS], dispatch_rules.rules, mode, &mut fixed_chains);
+
     let nat = Nat {
         head: nat.head,
-        fixed: nat.rules,
-        off_cluster,
+        fixed_chains: fixed_nat,
+        fixed: fixed_rules,
         services_missing: matches!(mode, Mode::Full { existing } if !existing.nat.contains(SERVICES)),
-        dispatch: dispatch_rules.rules,
+        dispatch_chains,
+        dispatch: dispatch_rules,
         services: svc_rules.rules,
         written,
         stale,
@@ -671,13 +721,56 @@ pub fn render(
     let writing: usize = nat.written.iter().map(|(name, _)| service_chains[*name].len()).sum();
 
     let mut text = String::with_capacity(filter.rules.len() + nat.services.len() + nat.dispatch.len() + 1024);
-    filter.finish(Table::Filter, &mut text);
+    if !filter.is_empty() {
+        filter.finish(Table::Filter, &mut text);
+    }
     match split.block(total, in_kernel).filter(|&block| writing > block) {
         Some(block) => nat.split(&service_chains, block, &mut text),
         None => nat.single(&service_chains, &mut text),
     }
     let lines = text.bytes().filter(|&b| b == b'\n').count();
-    Rendered { text, lines, service_chains }
+    Rendered { text, lines, applied: Applied { service_chains, fixed_chains } }
+}
+
+/// The chain a rule line (`-A chain ...`) belongs to.
+fn chain_of(line: &str) -> Option<&str> {
+    line.strip_prefix("-A ")?.split(' ').next()
+}
+
+/// Records the digest of each of `chains`' rules (in `rules`) into `digests`; returns the chains
+/// to write and their rules: all in a full render, those whose digest changed in a partial one.
+fn changed_chains(
+    table: Table,
+    chains: &[&'static str],
+    rules: String,
+    mode: &Mode<'_>,
+    digests: &mut FixedChains,
+) -> (Vec<&'static str>, String) {
+    let mut hashers: Vec<Sha256> = chains.iter().map(|_| Sha256::new()).collect();
+    for line in rules.lines() {
+        if let Some(i) = chain_of(line).and_then(|c| chains.iter().position(|&name| name == c)) {
+            hashers[i].update(line.as_bytes());
+            hashers[i].update(b"\n");
+        }
+    }
+    let mut write = Vec::new();
+    for (&chain, hasher) in chains.iter().zip(hashers) {
+        let digest: ChainDigest = hasher.finalize().into();
+        let unchanged = match mode {
+            Mode::Full { .. } => false,
+            Mode::Partial { previous, .. } => previous.fixed_chains.get(&(table, chain)) == Some(&digest),
+        };
+        if !unchanged {
+            write.push(chain);
+        }
+        digests.insert((table, chain), digest);
+    }
+    if write.len() == chains.len() {
+        return (write, rules);
+    }
+    let kept = rules.split_inclusive('\n').filter(|line| chain_of(line).is_some_and(|c| write.contains(&c)));
+    let kept = kept.collect();
+    (write, kept)
 }
 
 /// Rules of the fixed chains (masquerading, forwarding, excluded CIDRs in filter).
