@@ -518,7 +518,11 @@ impl Agent {
         }
         let kind = if changes.topology_changed { SyncKind::Full } else { kind };
         let backend_changes = match kind {
-            SyncKind::Full => Changes::Full,
+            SyncKind::Full => {
+                // Not kept through the sync: after the first list it names every service port.
+                drop(changes.services);
+                Changes::Full
+            }
             SyncKind::Partial => Changes::Services(changes.services),
         };
 

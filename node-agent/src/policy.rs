@@ -100,7 +100,17 @@ pub struct NodeSettings {
 /// Pure and cheap enough to run once per sync; every backend renders from its result, so that all
 /// modes make the same choices.
 pub fn plan(model: &ProxyModel, settings: &NodeSettings) -> Vec<ServicePlan> {
-    model.services.keys().flat_map(|name| plan_service(model, name, settings)).collect()
+    let mut plans = Vec::new();
+    plan_into(&mut plans, model, settings);
+    plans
+}
+
+/// [`plan`] into `plans` (emptied first), without growing it by doubling: one plan per service port
+/// is the common case, and at 10,000 services every spare slot is a few hundred bytes.
+fn plan_into(plans: &mut Vec<ServicePlan>, model: &ProxyModel, settings: &NodeSettings) {
+    plans.clear();
+    plans.reserve_exact(model.services.len());
+    plans.extend(model.services.keys().flat_map(|name| plan_service(model, name, settings)));
 }
 
 /// The last plans, kept between syncs so that a partial sync replans only its changed service
@@ -130,7 +140,8 @@ impl PlanCache {
                 self.plans.sort_by(|a, b| (&a.name, a.family).cmp(&(&b.name, b.family)));
             }
             _ => {
-                self.plans = plan(model, settings);
+                // In place: the old plans are not kept beside the new ones.
+                plan_into(&mut self.plans, model, settings);
                 self.settings = Some(settings.clone());
             }
         }

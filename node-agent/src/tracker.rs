@@ -95,22 +95,29 @@ impl TrackedChanges {
     }
 }
 
-/// Endpoints one EndpointSlice contributes, per service port, in the slice's order.
-type SliceEndpoints = BTreeMap<ServicePortName, Vec<Endpoint>>;
+/// A port of a Service, as an EndpointSlice names it (its Service is known from the slice).
+type PortKey = (String, Protocol);
+
+/// Endpoints one EndpointSlice contributes, per port of its Service: sorted by port, each port once,
+/// endpoints in the slice's order.
+///
+/// Plain vectors, not maps: a slice has one port or a few, and at 10,000 Services the maps' nodes
+/// (room for 11 entries each) made up most of the tracker's memory.
+type SliceEndpoints = Vec<(PortKey, Vec<Endpoint>)>;
 
 /// An EndpointSlice's namespace and name.
 pub type SliceId = (String, String);
 
 /// The Service and EndpointSlice change tracker. See the module documentation.
+///
+/// The ports a Service put into the model are found again in the model itself (its names sort
+/// together, see [`port_range`]): no second copy of every Service is kept.
 #[derive(Clone, Debug, Default)]
 pub struct ChangeTracker {
     config: TrackerConfig,
     model: ProxyModel,
-    /// The ports each proxied Service put into the model, so that an update or delete knows what to
-    /// take out again.
-    service_ports: BTreeMap<ServiceRef, BTreeMap<ServicePortName, ServicePort>>,
-    /// Every tracked EndpointSlice's endpoints, grouped by its Service and keyed by slice name.
-    slices: BTreeMap<ServiceRef, BTreeMap<String, SliceEndpoints>>,
+    /// Every tracked EndpointSlice's endpoints, grouped by its Service, sorted by slice name.
+    slices: BTreeMap<ServiceRef, Vec<(String, SliceEndpoints)>>,
     /// Which Service each tracked slice (namespace, slice name) belongs to.
     slice_owner: BTreeMap<SliceId, ServiceRef>,
     pending: TrackedChanges,
@@ -162,13 +169,13 @@ impl ChangeTracker {
         let Some(key) = object_ref(&service.metadata) else { return };
         let ports =
             if self.proxies_service(service) { service_ports(&key, service) } else { BTreeMap::new() };
-        self.set_service_ports(key, ports);
+        self.set_service_ports(&key, ports);
     }
 
     /// A Service was deleted.
     pub fn delete_service(&mut self, service: &Service) {
         let Some(key) = object_ref(&service.metadata) else { return };
-        self.set_service_ports(key, BTreeMap::new());
+        self.set_service_ports(&key, BTreeMap::new());
     }
 
     /// The watch was (re)started and listed exactly these Services: anything tracked but not listed
@@ -192,10 +199,17 @@ impl ChangeTracker {
 
     /// The (re)list is complete: Services tracked but not listed were deleted meanwhile.
     pub fn end_service_list(&mut self, listed: &BTreeSet<ServiceRef>) {
-        let gone: Vec<ServiceRef> =
-            self.service_ports.keys().filter(|key| !listed.contains(*key)).cloned().collect();
+        let mut gone: Vec<ServiceRef> = Vec::new();
+        for name in self.model.services.keys() {
+            let tracked =
+                gone.last().is_some_and(|key| key.namespace == name.namespace && key.name == name.name);
+            if !tracked {
+                gone.push(ServiceRef { namespace: name.namespace.clone(), name: name.name.clone() });
+            }
+        }
+        gone.retain(|key| !listed.contains(key));
         for key in gone {
-            self.set_service_ports(key, BTreeMap::new());
+            self.set_service_ports(&key, BTreeMap::new());
         }
     }
 
@@ -211,17 +225,16 @@ impl ChangeTracker {
             self.remove_slice(&slice_id, &previous);
         }
         let Some(owner) = owner else { return };
-        let endpoints = slice_endpoints(&owner, slice, &self.config.node_name);
-        let unchanged = self
-            .slices
-            .get(&owner)
-            .and_then(|slices| slices.get(&slice_id.1))
-            .is_some_and(|previous| *previous == endpoints);
-        if unchanged {
-            return;
+        let endpoints = slice_endpoints(slice, &self.config.node_name);
+        let slices = self.slices.entry(owner.clone()).or_default();
+        match slices.binary_search_by(|(name, _)| name.as_str().cmp(&slice_id.1)) {
+            Ok(at) if slices[at].1 == endpoints => return,
+            Ok(at) => slices[at].1 = endpoints,
+            Err(at) => slices.insert(at, (slice_id.1.clone(), endpoints)),
         }
-        self.slices.entry(owner.clone()).or_default().insert(slice_id.1.clone(), endpoints);
-        self.slice_owner.insert(slice_id, owner.clone());
+        if !self.slice_owner.contains_key(&slice_id) {
+            self.slice_owner.insert(slice_id, owner.clone());
+        }
         if self.rebuild_endpoints(&owner) {
             self.pending.endpoint_events += 1;
             if let Some(time) =
@@ -275,9 +288,8 @@ impl ChangeTracker {
     fn remove_slice(&mut self, slice_id: &SliceId, owner: &ServiceRef) {
         self.slice_owner.remove(slice_id);
         let Some(slices) = self.slices.get_mut(owner) else { return };
-        if slices.remove(&slice_id.1).is_none() {
-            return;
-        }
+        let Ok(at) = slices.binary_search_by(|(name, _)| name.as_str().cmp(&slice_id.1)) else { return };
+        slices.remove(at);
         if slices.is_empty() {
             self.slices.remove(owner);
         }
@@ -324,24 +336,24 @@ impl ChangeTracker {
     }
 
     /// Replaces the ports a Service contributes; records the ports that changed.
-    fn set_service_ports(&mut self, key: ServiceRef, ports: BTreeMap<ServicePortName, ServicePort>) {
-        let previous = if ports.is_empty() {
-            self.service_ports.remove(&key).unwrap_or_default()
-        } else {
-            self.service_ports.insert(key, ports.clone()).unwrap_or_default()
-        };
+    fn set_service_ports(&mut self, key: &ServiceRef, ports: BTreeMap<ServicePortName, ServicePort>) {
+        let gone: Vec<ServicePortName> = self
+            .model
+            .services
+            .range(port_range(key))
+            .filter(|(name, _)| !ports.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
         let mut changed = false;
-        for (name, port) in &previous {
-            if ports.get(name) != Some(port) {
-                self.model.services.remove(name);
-                self.pending.services.insert(name.clone());
-                changed = true;
-            }
+        for name in gone {
+            self.model.services.remove(&name);
+            self.pending.services.insert(name);
+            changed = true;
         }
         for (name, port) in ports {
-            if previous.get(&name) != Some(&port) {
-                self.model.services.insert(name.clone(), port);
-                self.pending.services.insert(name);
+            if self.model.services.get(&name) != Some(&port) {
+                self.pending.services.insert(name.clone());
+                self.model.services.insert(name, port);
                 changed = true;
             }
         }
@@ -352,7 +364,7 @@ impl ChangeTracker {
 
     /// Recomputes a Service's endpoints from all of its slices. Returns whether any port changed.
     fn rebuild_endpoints(&mut self, owner: &ServiceRef) -> bool {
-        let merged = self.slices.get(owner).map(merge_slices).unwrap_or_default();
+        let merged = self.slices.get(owner).map(|slices| merge_slices(owner, slices)).unwrap_or_default();
         let previous: Vec<ServicePortName> =
             self.model.endpoints.range(port_range(owner)).map(|(name, _)| name.clone()).collect();
         let mut changed = false;
@@ -391,11 +403,14 @@ fn port_range(owner: &ServiceRef) -> std::ops::RangeInclusive<ServicePortName> {
 /// As in kube-proxy's EndpointSliceCache, the same address and port may sit in two slices for a
 /// moment while the controller moves it; the local copy wins if the two disagree. Slices are taken
 /// in name order so that the result does not depend on the order events arrived in.
-fn merge_slices(slices: &BTreeMap<String, SliceEndpoints>) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
-    let mut merged: BTreeMap<ServicePortName, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
-    for slice in slices.values() {
-        for (name, endpoints) in slice {
-            let by_address = merged.entry(name.clone()).or_default();
+fn merge_slices(
+    owner: &ServiceRef,
+    slices: &[(String, SliceEndpoints)],
+) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
+    let mut merged: BTreeMap<&PortKey, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
+    for (_, slice) in slices {
+        for (port, endpoints) in slice {
+            let by_address = merged.entry(port).or_default();
             for endpoint in endpoints {
                 let key = (endpoint.ip, endpoint.port);
                 if endpoint.is_local || !by_address.contains_key(&key) {
@@ -407,7 +422,15 @@ fn merge_slices(slices: &BTreeMap<String, SliceEndpoints>) -> BTreeMap<ServicePo
     merged
         .into_iter()
         .filter(|(_, endpoints)| !endpoints.is_empty())
-        .map(|(name, endpoints)| (name, endpoints.into_values().collect()))
+        .map(|((port, protocol), endpoints)| {
+            let name = ServicePortName {
+                namespace: owner.namespace.clone(),
+                name: owner.name.clone(),
+                port: port.clone(),
+                protocol: *protocol,
+            };
+            (name, endpoints.into_values().collect())
+        })
         .collect()
 }
 
@@ -537,8 +560,8 @@ fn source_ranges(service: &Service) -> Vec<IpNet> {
     ranges
 }
 
-/// The endpoints an EndpointSlice contributes, per service port.
-fn slice_endpoints(owner: &ServiceRef, slice: &EndpointSlice, node_name: &str) -> SliceEndpoints {
+/// The endpoints an EndpointSlice contributes, per port of its Service.
+fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> SliceEndpoints {
     let family = if slice.address_type == "IPv6" { IpFamily::V6 } else { IpFamily::V4 };
     let mut out = SliceEndpoints::new();
     for port in slice.ports.iter().flatten() {
@@ -547,13 +570,8 @@ fn slice_endpoints(owner: &ServiceRef, slice: &EndpointSlice, node_name: &str) -
         else {
             continue;
         };
-        let name = ServicePortName {
-            namespace: owner.namespace.clone(),
-            name: owner.name.clone(),
-            port: port.name.clone().unwrap_or_default(),
-            protocol,
-        };
-        let mut endpoints = Vec::new();
+        let key = (port.name.clone().unwrap_or_default(), protocol);
+        let mut endpoints = Vec::with_capacity(slice.endpoints.as_ref().map_or(0, Vec::len));
         for endpoint in slice.endpoints.iter().flatten() {
             // kube-proxy uses the first address only; the others are the same Pod's and unused.
             let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
@@ -587,7 +605,12 @@ fn slice_endpoints(owner: &ServiceRef, slice: &EndpointSlice, node_name: &str) -
                 zone_hints,
             });
         }
-        out.entry(name).or_default().extend(endpoints);
+        endpoints.shrink_to_fit();
+        match out.binary_search_by(|(other, _)| other.cmp(&key)) {
+            // The same port twice (the API refuses it): one list, as a map would make it.
+            Ok(at) => out[at].1.extend(endpoints),
+            Err(at) => out.insert(at, (key, endpoints)),
+        }
     }
     out
 }
