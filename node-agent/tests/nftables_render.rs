@@ -19,8 +19,8 @@ use fleetproxy_agent::{
     exec::Runner,
     model::{IpFamily, Protocol, ServicePortName},
     nftables::{
-        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, count, render::script,
-        render_full, render_partial,
+        KernelObjects, NftablesProxier, SERVICES_PER_TRANSACTION, SHARDS, Table, Transactions, count,
+        render::script, render_full, render_full_with, render_partial, ruleset::Command as NftCommand,
     },
     policy::{NodeSettings, ServicePlan, Target},
 };
@@ -401,15 +401,29 @@ fn many_plans(n: u32, endpoint_base: u32) -> Vec<ServicePlan> {
         .collect()
 }
 
+/// The pieces of a full sync, each as the transactions (of at most `max_lines`, pieces joined) that
+/// the proxier would send.
+fn transactions(plans: &[ServicePlan], existing: &KernelObjects, max_lines: usize) -> Vec<Vec<NftCommand>> {
+    let mut joined = Transactions::new(max_lines);
+    let mut out = Vec::new();
+    render_full_with(plans, &settings(), existing, &mut |piece, lines| {
+        out.extend(joined.add(piece, lines));
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .expect("infallible");
+    out.extend(joined.finish());
+    out
+}
+
 #[test]
 fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     let plans = many_plans(2 * SERVICES_PER_TRANSACTION as u32 + 100, 0);
     let full = render_full(&plans, &settings(), &KernelObjects::default());
-    let pieces = full.transactions(1);
-    // Head, five batches of services, the new maps' and sets' elements, deletions.
+    let pieces = transactions(&plans, &KernelObjects::default(), 1);
+    // Head, batches of services per shard, the new maps' and sets' elements, deletions.
     assert!(pieces.len() >= 7, "{} transactions", pieces.len());
     assert_eq!(pieces.concat(), full.commands);
-    assert_eq!(full.transactions(usize::MAX), vec![full.commands.as_slice()]);
+    assert_eq!(transactions(&plans, &KernelObjects::default(), usize::MAX), vec![full.commands.clone()]);
 
     let whole = Scratch::new("whole");
     whole.apply(&full.script());
@@ -421,9 +435,8 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
 
     // A resync in pieces over a programmed kernel, to other endpoints and fewer services.
     let after = many_plans(SERVICES_PER_TRANSACTION as u32 + 10, 1);
-    let resync = render_full(&after, &settings(), &full.state.objects());
-    for piece in resync.transactions(1) {
-        cut.apply(&script(piece));
+    for piece in transactions(&after, &full.state.objects(), 1) {
+        cut.apply(&script(&piece));
     }
     let reference = Scratch::new("cutref");
     reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script());

@@ -422,37 +422,11 @@ pub struct Rendering {
     pub commands: Vec<Command>,
     /// Lines the commands take in nft syntax (the payload size reported in sync stats).
     pub lines: usize,
-    /// Where the commands may be cut into separate transactions: (command index, lines before it),
-    /// in order. Empty: one transaction.
-    pub cuts: Vec<(usize, usize)>,
     pub state: RenderedState,
     pub full: bool,
 }
 
 impl Rendering {
-    /// The commands as transactions of about `max_lines` lines each: consecutive pieces between
-    /// cuts are joined while they stay within the limit (a piece longer than it stays whole).
-    pub fn transactions(&self, max_lines: usize) -> Vec<&[Command]> {
-        let commands = self.commands.as_slice();
-        let mut out = Vec::new();
-        let mut start = (0, 0);
-        let mut last = (0, 0);
-        for &(at, lines) in self.cuts.iter().chain([(commands.len(), self.lines)].iter()) {
-            if at <= start.0 {
-                continue;
-            }
-            if lines - start.1 > max_lines && last.0 > start.0 {
-                out.push(&commands[start.0..last.0]);
-                start = last;
-            }
-            last = (at, lines);
-        }
-        if start.0 < commands.len() {
-            out.push(&commands[start.0..]);
-        }
-        out
-    }
-
     /// Whether there is nothing to send to the kernel.
     pub fn is_empty(&self) -> bool {
         self.commands.is_empty()
@@ -461,6 +435,39 @@ impl Rendering {
     /// The commands in nft syntax, one `nft -f` script.
     pub fn script(&self) -> String {
         script(&self.commands)
+    }
+}
+
+/// Joins the pieces of a full sync ([`render_full_with`]) into transactions of about `max_lines`
+/// lines each: consecutive pieces are joined while they stay within the limit (a piece longer
+/// than it stays whole).
+#[derive(Debug)]
+pub struct Transactions {
+    max_lines: usize,
+    pending: Vec<Command>,
+    pending_lines: usize,
+}
+
+impl Transactions {
+    pub fn new(max_lines: usize) -> Self {
+        Self { max_lines, pending: Vec::new(), pending_lines: 0 }
+    }
+
+    /// Adds a piece; gives back the transaction it completes, if any.
+    pub fn add(&mut self, piece: Vec<Command>, lines: usize) -> Option<Vec<Command>> {
+        let full = !self.pending.is_empty() && self.pending_lines + lines > self.max_lines;
+        let done = full.then(|| std::mem::take(&mut self.pending));
+        if full {
+            self.pending_lines = 0;
+        }
+        self.pending.extend(piece);
+        self.pending_lines += lines;
+        done
+    }
+
+    /// The last transaction, if anything is left.
+    pub fn finish(self) -> Option<Vec<Command>> {
+        (!self.pending.is_empty()).then_some(self.pending)
     }
 }
 
@@ -480,15 +487,17 @@ pub fn script(commands: &[Command]) -> String {
 struct Script {
     commands: Vec<Command>,
     lines: usize,
-    cuts: Vec<(usize, usize)>,
 }
 
 impl Script {
-    /// The end of a transaction of its own (after which the tables work).
-    fn cut(&mut self) {
-        if self.cuts.last().is_none_or(|(at, _)| *at < self.commands.len()) {
-            self.cuts.push((self.commands.len(), self.lines));
+    /// Hands the commands so far to `sink` as one piece: the end of a transaction of its own,
+    /// after which the tables work.
+    fn cut<E>(&mut self, sink: &mut impl FnMut(Vec<Command>, usize) -> Result<(), E>) -> Result<(), E> {
+        if self.commands.is_empty() {
+            return Ok(());
         }
+        let lines = std::mem::take(&mut self.lines);
+        sink(std::mem::take(&mut self.commands), lines)
     }
 
     fn push(&mut self, command: Command) {
@@ -812,16 +821,17 @@ pub fn render_service(plan: &ServicePlan, settings: &NodeSettings) -> ServiceRul
     out
 }
 
-/// Renders every plan, keyed by family and service port. Plans of a family other than their
-/// addresses' are rendered as given: the policy layer guarantees consistency.
-fn render_services(
+/// Renders the plans of the `changed` service ports, keyed by family and service port. Plans of a
+/// family other than their addresses' are rendered as given: the policy layer guarantees
+/// consistency.
+fn render_changed(
     plans: &[ServicePlan],
     settings: &NodeSettings,
-    only: Option<&BTreeSet<ServicePortName>>,
+    changed: &BTreeSet<ServicePortName>,
 ) -> BTreeMap<(IpFamily, ServicePortName), ServiceRules> {
     plans
         .iter()
-        .filter(|p| only.is_none_or(|names| names.contains(&p.name)))
+        .filter(|p| changed.contains(&p.name))
         .map(|p| ((p.family, p.name.clone()), render_service(p, settings)))
         .collect()
 }
@@ -849,8 +859,8 @@ const ELEMENTS_PER_TRANSACTION: usize = 4000;
 /// wanted are deleted; everything else is redeclared, flushed and refilled. Affinity sets that are
 /// still wanted keep their clients.
 ///
-/// The commands are cut into transactions ([`Rendering::transactions`]) that each leave working
-/// tables: first the tables, their sets and maps and static chains; then the service ports'
+/// The commands come in pieces, to `piece` with their line count, as they are rendered: pieces
+/// are transactions (or parts of one, see [`Transactions`]) that each leave working tables: first the tables, their sets and maps and static chains; then the service ports'
 /// chains, shard by shard, [`SERVICES_PER_TRANSACTION`] at a time, each chain flushed and refilled
 /// in one transaction (a new chain is unreachable until the maps point at it); then each table's
 /// maps and sets, flushed and refilled together; last, what is no longer wanted is deleted. No
@@ -858,10 +868,19 @@ const ELEMENTS_PER_TRANSACTION: usize = 4000;
 /// transactions, and a transaction that changes chains touches one shard (the kernel re-checks
 /// the tables a transaction changes, see [`SHARDS`]).
 ///
+/// The service ports are rendered a piece at a time and their rules dropped (their digests kept)
+/// once handed over, so that a full sync of 10,000 service ports never holds all their rules.
+///
 /// Two service ports claiming the same map key (a misconfiguration) resolve to the first in order
-/// within a table; across shards, to the shard whose nat chain runs first.
-pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
-    let mut services = render_services(plans, settings, None);
+/// within a table; across shards, to the shard whose nat chain runs first. Of two plans of one
+/// service port (never made by the policy layer), the first counts.
+pub fn render_full_with<E>(
+    plans: &[ServicePlan],
+    settings: &NodeSettings,
+    existing: &KernelObjects,
+    piece: &mut impl FnMut(Vec<Command>, usize) -> Result<(), E>,
+) -> Result<RenderedState, E> {
+    let mut services: BTreeMap<(IpFamily, ServicePortName), ServiceRules> = BTreeMap::new();
     let mut script = Script::default();
 
     // The tables, their sets, maps and static chains.
@@ -890,20 +909,22 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             }
         }
     }
-    script.cut();
+    script.cut(piece)?;
 
     // The service ports' chains, a batch of one shard per transaction. Chains that exist already
     // are flushed, not redeclared: redeclaring thousands of chains costs the kernel more than
     // their rules. (If `existing` is wrong, the transaction fails, and the next full sync reads
     // the names from the kernel.)
-    for shard in Table::all().filter(|t| t.shard.is_some()) {
-        let mut in_shard: Vec<&mut ServiceRules> = services
-            .iter_mut()
-            .filter(|((f, _), r)| *f == shard.family && Some(r.shard) == shard.shard)
-            .map(|(_, r)| r)
-            .collect();
-        for batch in in_shard.chunks_mut(SERVICES_PER_TRANSACTION) {
-            for rules in batch {
+    let mut by_shard: BTreeMap<Table, Vec<&ServicePlan>> = BTreeMap::new();
+    for plan in plans {
+        by_shard.entry(Table::shard(plan.family, names::shard(&plan.name, SHARDS))).or_default().push(plan);
+    }
+    for (shard, mut plans) in by_shard {
+        plans.sort_by(|a, b| a.name.cmp(&b.name));
+        plans.dedup_by(|a, b| a.name == b.name);
+        for batch in plans.chunks(SERVICES_PER_TRANSACTION) {
+            for plan in batch {
+                let mut rules = render_service(plan, settings);
                 for (name, spec) in &rules.sets {
                     script.push(Command::AddSet { table: shard, name: name.clone(), spec: spec.clone() });
                 }
@@ -920,8 +941,9 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
                         script.rule(table, name, rule);
                     }
                 }
+                services.insert((plan.family, plan.name.clone()), rules);
             }
-            script.cut();
+            script.cut(piece)?;
         }
     }
 
@@ -952,9 +974,10 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
                         name,
                         elements.by_ref().take(ELEMENTS_PER_TRANSACTION).collect(),
                     );
-                    script.cut();
+                    script.cut(piece)?;
                 }
             }
+            Ok(())
         };
         let element = |key: Key| Element { key, verdict: None };
         let excluded = IpNet::aggregate(&family.nets(&settings.excluded_cidrs));
@@ -963,10 +986,10 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             false,
             &existing.sets,
             excluded.into_iter().map(|n| element(vec![Value::Net(n)])).collect(),
-        );
+        )?;
         if table.shard.is_none() {
             let hairpin: BTreeSet<&Key> = in_table(&services, table).flat_map(|r| &r.hairpin).collect();
-            fill(HAIRPIN, false, &existing.sets, hairpin.into_iter().map(|k| element(k.clone())).collect());
+            fill(HAIRPIN, false, &existing.sets, hairpin.into_iter().map(|k| element(k.clone())).collect())?;
         }
         for map in table.maps() {
             let elements = maps
@@ -975,9 +998,9 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
                 .flatten()
                 .map(|(k, v)| Element { key: (*k).clone(), verdict: Some((*v).clone()) })
                 .collect();
-            fill(map.name(), true, &existing.maps, elements);
+            fill(map.name(), true, &existing.maps, elements)?;
         }
-        script.cut();
+        script.cut(piece)?;
     }
 
     // What the kernel holds and we no longer want: the maps no longer point at these chains; they
@@ -1014,14 +1037,21 @@ pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &Ke
             script.push(Command::DeleteSet { table, name: map.clone(), map: true });
         }
     }
-    script.cut();
-    Rendering {
-        lines: script.lines,
-        cuts: script.cuts,
-        commands: script.commands,
-        state: RenderedState { settings: settings.clone(), services },
-        full: true,
-    }
+    script.cut(piece)?;
+    Ok(RenderedState { settings: settings.clone(), services })
+}
+
+/// [`render_full_with`], all pieces in one rendering (the transactions run in order are the same).
+pub fn render_full(plans: &[ServicePlan], settings: &NodeSettings, existing: &KernelObjects) -> Rendering {
+    let mut commands = Vec::new();
+    let mut lines = 0;
+    let rendered = render_full_with(plans, settings, existing, &mut |piece, n| {
+        commands.extend(piece);
+        lines += n;
+        Ok::<_, std::convert::Infallible>(())
+    });
+    let Ok(state) = rendered;
+    Rendering { commands, lines, state, full: true }
 }
 
 /// What a partial sync changes in one table.
@@ -1093,7 +1123,7 @@ pub fn render_partial(
     plans: &[ServicePlan],
     changed: &BTreeSet<ServicePortName>,
 ) -> Rendering {
-    let mut fresh = render_services(plans, &previous.settings, Some(changed));
+    let mut fresh = render_changed(plans, &previous.settings, changed);
     let mut state = previous;
     let mut script = Script::default();
     let empty = ServiceRules::default();
@@ -1185,5 +1215,5 @@ pub fn render_partial(
         }
     }
     state.services.extend(fresh);
-    Rendering { lines: script.lines, commands: script.commands, cuts: Vec::new(), state, full: false }
+    Rendering { lines: script.lines, commands: script.commands, state, full: false }
 }
