@@ -232,9 +232,7 @@ impl ChangeTracker {
             Ok(at) => slices[at].1 = endpoints,
             Err(at) => slices.insert(at, (slice_id.1.clone(), endpoints)),
         }
-        if !self.slice_owner.contains_key(&slice_id) {
-            self.slice_owner.insert(slice_id, owner.clone());
-        }
+        self.slice_owner.entry(slice_id).or_insert_with(|| owner.clone());
         if self.rebuild_endpoints(&owner) {
             self.pending.endpoint_events += 1;
             if let Some(time) =
