@@ -105,19 +105,26 @@ type PortKey = (String, Protocol);
 /// (room for 11 entries each) made up most of the tracker's memory.
 type SliceEndpoints = Vec<(PortKey, Vec<Endpoint>)>;
 
+/// A tracked EndpointSlice: its name, and its endpoints unless they are the model's (`None`, see
+/// [`ChangeTracker`]).
+type TrackedSlice = (String, Option<SliceEndpoints>);
+
 /// An EndpointSlice's namespace and name.
 pub type SliceId = (String, String);
 
 /// The Service and EndpointSlice change tracker. See the module documentation.
 ///
 /// The ports a Service put into the model are found again in the model itself (its names sort
-/// together, see [`port_range`]): no second copy of every Service is kept.
+/// together, see [`port_range`]): no second copy of every Service is kept. Nor of the endpoints of a
+/// Service's only EndpointSlice (the usual case): merging one slice gives its endpoints back, so its
+/// copy is taken from the model again when a second slice joins it.
 #[derive(Clone, Debug, Default)]
 pub struct ChangeTracker {
     config: TrackerConfig,
     model: ProxyModel,
-    /// Every tracked EndpointSlice's endpoints, grouped by its Service, sorted by slice name.
-    slices: BTreeMap<ServiceRef, Vec<(String, SliceEndpoints)>>,
+    /// Every tracked EndpointSlice, grouped by its Service, sorted by slice name; the endpoints of
+    /// a Service's only slice are the model's (`None`), those of several slices are kept.
+    slices: BTreeMap<ServiceRef, Vec<TrackedSlice>>,
     /// Which Service each tracked slice (namespace, slice name) belongs to.
     slice_owner: BTreeMap<SliceId, ServiceRef>,
     pending: TrackedChanges,
@@ -228,12 +235,20 @@ impl ChangeTracker {
         let endpoints = slice_endpoints(slice, &self.config.node_name);
         let slices = self.slices.entry(owner.clone()).or_default();
         match slices.binary_search_by(|(name, _)| name.as_str().cmp(&slice_id.1)) {
-            Ok(at) if slices[at].1 == endpoints => return,
-            Ok(at) => slices[at].1 = endpoints,
-            Err(at) => slices.insert(at, (slice_id.1.clone(), endpoints)),
+            Ok(at) if slices[at].1.as_ref() == Some(&endpoints) => return,
+            Ok(at) => slices[at].1 = Some(endpoints),
+            Err(at) => {
+                // A second slice: the first one's endpoints are needed apart from the model now.
+                if let [(_, only @ None)] = slices.as_mut_slice() {
+                    *only = Some(model_slice(&self.model, &owner));
+                }
+                slices.insert(at, (slice_id.1.clone(), Some(endpoints)));
+            }
         }
         self.slice_owner.entry(slice_id).or_insert_with(|| owner.clone());
-        if self.rebuild_endpoints(&owner) {
+        let changed = self.rebuild_endpoints(&owner);
+        self.forget_only_copy(&owner);
+        if changed {
             self.pending.endpoint_events += 1;
             if let Some(time) =
                 trigger_time(slice).filter(|time| self.config.started.is_none_or(|s| *time > s))
@@ -295,6 +310,14 @@ impl ChangeTracker {
         // and the older time would overstate the latency.
         if self.rebuild_endpoints(owner) {
             self.pending.endpoint_events += 1;
+        }
+        self.forget_only_copy(owner);
+    }
+
+    /// A Service's only slice keeps no copy of its endpoints: the model holds them, merged from it.
+    fn forget_only_copy(&mut self, owner: &ServiceRef) {
+        if let Some([(_, only)]) = self.slices.get_mut(owner).map(Vec::as_mut_slice) {
+            *only = None;
         }
     }
 
@@ -401,13 +424,12 @@ fn port_range(owner: &ServiceRef) -> std::ops::RangeInclusive<ServicePortName> {
 /// As in kube-proxy's EndpointSliceCache, the same address and port may sit in two slices for a
 /// moment while the controller moves it; the local copy wins if the two disagree. Slices are taken
 /// in name order so that the result does not depend on the order events arrived in.
-fn merge_slices(
-    owner: &ServiceRef,
-    slices: &[(String, SliceEndpoints)],
-) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
+fn merge_slices(owner: &ServiceRef, slices: &[TrackedSlice]) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
     let mut merged: BTreeMap<&PortKey, BTreeMap<(IpAddr, u16), Endpoint>> = BTreeMap::new();
     for (_, slice) in slices {
-        for (port, endpoints) in slice {
+        // Every slice's copy is there when merging (see `apply_slice`).
+        debug_assert!(slice.is_some(), "merging a slice whose endpoints are the model's");
+        for (port, endpoints) in slice.iter().flatten() {
             let by_address = merged.entry(port).or_default();
             for endpoint in endpoints {
                 let key = (endpoint.ip, endpoint.port);
@@ -429,6 +451,15 @@ fn merge_slices(
             };
             (name, endpoints.into_values().collect())
         })
+        .collect()
+}
+
+/// A Service's endpoints in the model, as the one slice they were merged from would give them.
+fn model_slice(model: &ProxyModel, owner: &ServiceRef) -> SliceEndpoints {
+    model
+        .endpoints
+        .range(port_range(owner))
+        .map(|(name, endpoints)| ((name.port.clone(), name.protocol), endpoints.clone()))
         .collect()
 }
 
