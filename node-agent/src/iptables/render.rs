@@ -32,9 +32,11 @@
 //! 10,000 services, rewriting them is 20,000 rules naming 20,000 chains, most of a sync's cost
 //! (see "Transactions"). They change when a service is added or removed or gains or loses its
 //! endpoints, and are then rewritten whole. Chains of unchanged services are neither declared nor
-//! written, so the kernel keeps them as they are. Chains no longer needed are declared (flushed)
-//! and then deleted with `-X` after every rule that referenced them has been rewritten. A full
-//! render writes every chain.
+//! written, so the kernel keeps them as they are; so are the endpoint chains a changed service
+//! keeps (a service of 10,000 endpoints that loses one rewrites its `FP-SVC-` chain only, one
+//! third of what it wrote before). Chains no longer needed are declared (flushed) and then deleted
+//! with `-X` after every rule that referenced them has been rewritten. A full render writes every
+//! chain.
 //!
 //! # Transactions
 //! Each `*table ... COMMIT` is one kernel transaction. The filter table is always one. The nat table
@@ -178,6 +180,12 @@ pub struct Applied {
     pub service_chains: ServiceChains,
     /// A partial render leaves out the top-level chains whose digest did not change.
     pub fixed_chains: FixedChains,
+    /// Whether endpoint chains carry comments ([`LARGE_CLUSTER_ENDPOINTS`]).
+    pub endpoint_comments: bool,
+    /// The session affinity timeout (seconds) of the service ports that have one. With
+    /// `endpoint_comments`, all that an endpoint chain's rules depend on besides what its name
+    /// hashes: a changed service rewrites only the endpoint chains that these make differ.
+    pub affinity: BTreeMap<ServicePortName, u64>,
 }
 
 /// How much to render.
@@ -228,8 +236,10 @@ pub fn service_chain(kind: &str, name: &ServicePortName, protocol: Protocol) -> 
 /// `FP-SEP-<hash of the service port and endpoint>`.
 pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, target: &Target) -> String {
     let endpoint = SocketAddr::new(target.ip, target.port);
-    format!("{CHAIN_PREFIX}SEP-{}", hash16(&format!("{}{endpoint}", service_key(name, protocol))))
+    format!("{SEP_PREFIX}{}", hash16(&format!("{}{endpoint}", service_key(name, protocol))))
 }
+
+const SEP_PREFIX: &str = "FP-SEP-";
 
 /// Whether `chain` is a per-service chain of ours (the kind a stale-chain sweep may delete).
 pub fn is_service_chain(chain: &str) -> bool {
@@ -476,10 +486,27 @@ struct Nat<'a> {
     dispatch: String,
     /// Rules of the per-service chains written, plan after plan.
     services: String,
-    /// The plans whose chains are written, with their part of `services`.
-    written: Vec<(&'a ServicePortName, Range<usize>)>,
+    /// The plans whose chains are written, in `services` order.
+    written: Vec<Written<'a>>,
     /// Chains of ours to delete.
     stale: BTreeSet<&'a str>,
+}
+
+/// One plan whose chains a render writes.
+struct Written<'a> {
+    name: &'a ServicePortName,
+    /// Its part of [`Nat::services`].
+    rules: Range<usize>,
+    /// Its endpoint chains that the kernel holds as they would be written: neither declared nor
+    /// written.
+    kept: BTreeSet<&'a str>,
+}
+
+impl Written<'_> {
+    /// The chains it declares (creates or flushes) and writes.
+    fn chains<'c>(&self, all: &'c ServiceChains) -> impl Iterator<Item = &'c str> {
+        all[self.name].iter().map(String::as_str).filter(|c| !self.kept.contains(c))
+    }
 }
 
 impl Nat<'_> {
@@ -497,8 +524,8 @@ impl Nat<'_> {
         for chain in self.dispatch_chains.iter().chain(&self.fixed_chains) {
             declare(out, chain);
         }
-        for (name, _) in &self.written {
-            for chain in &chains[*name] {
+        for plan in &self.written {
+            for chain in plan.chains(chains) {
                 declare(out, chain);
             }
         }
@@ -521,10 +548,10 @@ impl Nat<'_> {
     /// between sends traffic to a consistent set of chains. Declarations come in descending order:
     /// each one is then the first in iptables-nft's sorted list of the transaction's chains.
     fn split(&self, chains: &ServiceChains, block: usize, out: &mut String) {
-        let mut blocks: Vec<&[(&ServicePortName, Range<usize>)]> = Vec::new();
+        let mut blocks: Vec<&[Written<'_>]> = Vec::new();
         let (mut start, mut size) = (0, 0);
-        for (i, (name, _)) in self.written.iter().enumerate() {
-            let n = chains[*name].len();
+        for (i, plan) in self.written.iter().enumerate() {
+            let n = plan.chains(chains).count();
             if size > 0 && size + n > block {
                 blocks.push(&self.written[start..i]);
                 (start, size) = (i, 0);
@@ -534,8 +561,7 @@ impl Nat<'_> {
         blocks.push(&self.written[start..]);
 
         for (i, plans) in blocks.iter().enumerate() {
-            let mut names: Vec<&str> =
-                plans.iter().flat_map(|(name, _)| chains[*name].iter().map(String::as_str)).collect();
+            let mut names: Vec<&str> = plans.iter().flat_map(|plan| plan.chains(chains)).collect();
             if i == 0 {
                 // A loop, not `extend`: that would make every name `'static`.
                 for &chain in &self.fixed_chains {
@@ -554,8 +580,8 @@ impl Nat<'_> {
                 out.push_str(&self.head);
                 out.push_str(&self.fixed);
             }
-            if let (Some((_, first)), Some((_, last))) = (plans.first(), plans.last()) {
-                out.push_str(&self.services[first.start..last.end]);
+            if let (Some(first), Some(last)) = (plans.first(), plans.last()) {
+                out.push_str(&self.services[first.rules.start..last.rules.end]);
             }
             out.push_str("COMMIT\n");
         }
@@ -619,20 +645,32 @@ pub fn render(
     let mut dispatch = Dispatch::default();
     let mut svc_rules = Section::default();
     let mut written = Vec::new();
+    let mut affinity = BTreeMap::new();
     for plan in &plans {
-        let write_chains = match mode {
-            Mode::Full { .. } => true,
-            Mode::Partial { changed, previous } => {
-                changed.contains(&plan.name) || !previous.service_chains.contains_key(&plan.name)
-            }
+        let affinity_secs = plan.session_affinity.map(|t| t.as_secs().max(1));
+        let (write_chains, kept) = match mode {
+            Mode::Full { .. } => (true, BTreeSet::new()),
+            Mode::Partial { changed, previous } => match previous.service_chains.get(&plan.name) {
+                None => (true, BTreeSet::new()),
+                Some(_) if !changed.contains(&plan.name) => (false, BTreeSet::new()),
+                Some(old) => {
+                    let same = previous.endpoint_comments == ctx.endpoint_comments
+                        && previous.affinity.get(&plan.name).copied() == affinity_secs;
+                    let seps = old.iter().map(String::as_str).filter(|c| c.starts_with(SEP_PREFIX));
+                    (true, if same { seps.collect() } else { BTreeSet::new() })
+                }
+            },
         };
         write_dispatch(&ctx, plan, &mut dispatch, &mut filter);
         if write_chains {
             let start = svc_rules.rules.len();
-            write_service_chains(&ctx, plan, &mut svc_rules);
-            written.push((&plan.name, start..svc_rules.rules.len()));
+            write_service_chains(&ctx, plan, &kept, &mut svc_rules);
+            written.push(Written { name: &plan.name, rules: start..svc_rules.rules.len(), kept });
         }
         service_chains.insert(plan.name.clone(), plan_chains(plan));
+        if let Some(secs) = affinity_secs {
+            affinity.insert(plan.name.clone(), secs);
+        }
     }
 
     // Deletions: chains of ours that nothing produces any more.
@@ -718,7 +756,7 @@ pub fn render(
         stale,
     };
     let total = active.len() + NAT_CHAINS.len() + usize::from(off_cluster);
-    let writing: usize = nat.written.iter().map(|(name, _)| service_chains[*name].len()).sum();
+    let writing: usize = nat.written.iter().map(|plan| plan.chains(&service_chains).count()).sum();
 
     let mut text = String::with_capacity(filter.rules.len() + nat.services.len() + nat.dispatch.len() + 1024);
     if !filter.is_empty() {
@@ -729,7 +767,8 @@ pub fn render(
         None => nat.single(&service_chains, &mut text),
     }
     let lines = text.bytes().filter(|&b| b == b'\n').count();
-    Rendered { text, lines, applied: Applied { service_chains, fixed_chains } }
+    let endpoint_comments = ctx.endpoint_comments;
+    Rendered { text, lines, applied: Applied { service_chains, fixed_chains, endpoint_comments, affinity } }
 }
 
 /// The chain a rule line (`-A chain ...`) belongs to.
@@ -931,8 +970,9 @@ fn write_dispatch(ctx: &Ctx, plan: &ServicePlan, dispatch: &mut Dispatch, filter
     }
 }
 
-/// The per-service nat chains of one plan (their declarations are the caller's).
-fn write_service_chains(ctx: &Ctx, plan: &ServicePlan, out: &mut Section) {
+/// The per-service nat chains of one plan but the endpoint chains in `kept` (their declarations
+/// are the caller's).
+fn write_service_chains(ctx: &Ctx, plan: &ServicePlan, kept: &BTreeSet<&str>, out: &mut Section) {
     let names = Names::of(plan);
     let shape = Shape::of(plan);
     let name = plan.name.to_string();
@@ -1008,6 +1048,9 @@ fn write_service_chains(ctx: &Ctx, plan: &ServicePlan, out: &mut Section) {
             continue;
         }
         let sep = endpoint_chain(&plan.name, plan.protocol, target);
+        if kept.contains(sep.as_str()) {
+            continue;
+        }
         let comment =
             if ctx.endpoint_comments { format!("-m comment --comment \"{name}\" ") } else { String::new() };
         out.rule(&sep, &format!("{comment}-s {} -j {MARK_MASQ}", addr(&target.ip)));
