@@ -8,12 +8,14 @@
 //! `cargo test -p fleetproxy-agent --test nftables_netlink -- --ignored --nocapture` also times a
 //! 10,000-service-like ruleset both ways.
 
+mod common;
+
 use std::{
     net::IpAddr,
-    process::{Command as Process, Stdio},
     time::{Duration, Instant},
 };
 
+use common::Netns;
 use fleetproxy_agent::{
     model::{IpFamily, Protocol},
     nftables::{
@@ -25,46 +27,15 @@ use fleetproxy_agent::{
     },
 };
 
-fn require_root() {
-    let out = Process::new("id").arg("-u").output().expect("id -u");
-    let uid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(uid, "0", "these tests program nftables in throwaway network namespaces and need root");
+/// The netns helpers this crate adds to the shared ones.
+trait NetnsExt {
+    /// `nft -f` of the commands' nft syntax, which must pass.
+    fn nft_f(&self, commands: &[Command]);
+    /// Our netlink writer in the namespace.
+    fn writer(&self) -> Nftables;
 }
 
-/// A throwaway network namespace, deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        require_root();
-        let name = format!("fpt-{}-nftnl-{tag}", std::process::id());
-        let status = Process::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
-        assert!(status.success(), "ip netns add {name}");
-        Self(name)
-    }
-
-    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let mut child = Process::new("ip")
-            .args(["netns", "exec", &self.0, "nft"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nft");
-        if let Some(input) = stdin {
-            use std::io::Write as _;
-            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("feed nft");
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().expect("nft output");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
+impl NetnsExt for Netns {
     fn nft_f(&self, commands: &[Command]) {
         let script: String = commands.iter().map(ToString::to_string).collect();
         if let Err(e) = self.nft(&["-f", "-"], Some(&script)) {
@@ -73,17 +44,7 @@ impl Netns {
     }
 
     fn writer(&self) -> Nftables {
-        Nftables::open(Some(&self.0)).expect("netlink socket in the netns")
-    }
-
-    fn ruleset(&self) -> String {
-        self.nft(&["list", "ruleset"], None).expect("list ruleset")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Process::new("ip").args(["netns", "del", &self.0]).status();
+        Nftables::open(Some(self.name())).expect("netlink socket in the netns")
     }
 }
 
@@ -550,7 +511,7 @@ fn both_families(transaction: fn(&Family) -> Vec<Command>) -> Vec<Command> {
 
 #[test]
 fn the_writer_leaves_what_nft_leaves() {
-    let (ours, theirs) = (Netns::new("eq-a"), Netns::new("eq-b"));
+    let (ours, theirs) = (Netns::new("nftnl-eq-a"), Netns::new("nftnl-eq-b"));
     let mut writer = ours.writer();
     for (step, commands) in
         [both_families(first_transaction), both_families(second_transaction)].iter().enumerate()
@@ -579,7 +540,7 @@ fn the_writer_leaves_what_nft_leaves() {
 
 #[test]
 fn a_refused_command_is_named_and_changes_nothing() {
-    let ns = Netns::new("refused");
+    let ns = Netns::new("nftnl-refused");
     let f = Family::new(IpFamily::V4);
     let mut writer = ns.writer();
     writer.apply(&[Command::AddTable(f.main), chain(f.main, "present")]).expect("setup");
@@ -647,7 +608,7 @@ fn large(f: &Family, chains: u16, rules: u16) -> Vec<Command> {
 
 #[test]
 fn a_large_transaction_goes_through() {
-    let ns = Netns::new("large");
+    let ns = Netns::new("nftnl-large");
     let f = Family::new(IpFamily::V4);
     let commands = large(&f, 2000, 10);
     let started = Instant::now();
@@ -691,7 +652,7 @@ fn timing_10000_services() {
     };
     let script: String = commands.iter().map(ToString::to_string).collect();
     println!("{} commands, {} bytes of nft syntax", commands.len(), script.len());
-    let (ours, theirs) = (Netns::new("time-a"), Netns::new("time-b"));
+    let (ours, theirs) = (Netns::new("nftnl-time-a"), Netns::new("nftnl-time-b"));
     let mut writer = ours.writer();
     let mut bytes = 0;
     time("full, encoding alone", || bytes = encode(&commands, 1).expect("encode").bytes().len());

@@ -6,14 +6,11 @@
 //! under `tests/golden/`. The kernel checks need root (they fail loudly without it) and run in
 //! throwaway network namespaces.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+mod common;
 
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
+
+use common::Netns;
 use fleetproxy_agent::{
     dataplane::{Changes, DataPlane},
     exec::Runner,
@@ -25,7 +22,6 @@ use fleetproxy_agent::{
     policy::{NodeSettings, ServicePlan, Target},
 };
 use ipnet::IpNet;
-use serde_json::Value;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
@@ -258,108 +254,14 @@ fn masquerade_all_and_node_port_addresses() {
 
 // ---- kernel checks ----------------------------------------------------------------------------
 
-fn require_root() {
-    let out = Command::new("id").arg("-u").output().expect("id -u");
-    let uid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_eq!(uid, "0", "these tests program nftables in a throwaway netns and need root");
-}
-
-/// A throwaway network namespace, deleted on drop.
-struct Scratch(String);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        require_root();
-        let name = format!("fpt-{}-nftr-{tag}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status().expect("ip netns add");
-        assert!(status.success(), "ip netns add {name}");
-        Self(name)
-    }
-
-    fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.0, "nft"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nft");
-        if let Some(input) = stdin {
-            use std::io::Write as _;
-            child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("feed nft");
-        }
-        drop(child.stdin.take());
-        let out = child.wait_with_output().expect("nft output");
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    fn check(&self, script: &str) {
-        if let Err(e) = self.nft(&["-c", "-f", "-"], Some(script)) {
-            panic!("nft -c refused the script:\n{e}");
-        }
-    }
-
-    fn apply(&self, script: &str) {
-        if let Err(e) = self.nft(&["-f", "-"], Some(script)) {
-            panic!("nft -f refused the script:\n{e}");
-        }
-    }
-
-    /// Both tables, normalized: chain → rule expressions, set/map → declaration and sorted
-    /// elements. Handles and creation order are left out.
-    fn snapshot(&self) -> BTreeMap<String, Value> {
-        let mut out = BTreeMap::new();
-        for family in ["ip", "ip6"] {
-            let json = self.nft(&["-j", "list", "table", family, "fleetproxy"], None).expect("list table");
-            let value: Value = serde_json::from_str(&json).expect("nft json");
-            for object in value["nftables"].as_array().expect("array") {
-                if let Some(rule) = object.get("rule") {
-                    let key = format!("{family} chain {}", rule["chain"].as_str().expect("chain"));
-                    let entry = out.entry(key).or_insert_with(|| Value::Array(Vec::new()));
-                    entry.as_array_mut().expect("array").push(rule["expr"].clone());
-                } else if let Some(chain) = object.get("chain") {
-                    let mut chain = chain.clone();
-                    chain.as_object_mut().expect("object").remove("handle");
-                    out.entry(format!("{family} chain {}", chain["name"].as_str().expect("name")))
-                        .or_insert_with(|| Value::Array(Vec::new()));
-                    out.insert(
-                        format!("{family} chain-def {}", chain["name"].as_str().expect("name")),
-                        chain,
-                    );
-                } else if let Some(set) = object.get("set").or_else(|| object.get("map")) {
-                    let mut set = set.clone();
-                    let object = set.as_object_mut().expect("object");
-                    object.remove("handle");
-                    if let Some(Value::Array(elements)) = object.get_mut("elem") {
-                        elements.sort_by_key(|e| e.to_string());
-                    }
-                    out.insert(format!("{family} set {}", object["name"].as_str().expect("name")), set);
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn kernel_accepts_full_and_partial_scripts() {
-    let ns = Scratch::new("check");
+    let ns = Netns::new("nftr-check");
     let full = render_full(&plans_before(), &settings(), &KernelObjects::default());
     ns.check(&full.script());
     ns.apply(&full.script());
     // What the kernel holds, read back over netlink, is what the sync says it holds.
-    assert_eq!(count::kernel_objects(Some(&ns.0)).expect("read back"), full.state.objects());
+    assert_eq!(count::kernel_objects(Some(ns.name())).expect("read back"), full.state.objects());
     // Applying the same full sync again on a programmed kernel (an agent restart) is accepted.
     let again = render_full(&plans_before(), &settings(), &full.state.objects());
     ns.apply(&again.script());
@@ -370,12 +272,12 @@ fn kernel_accepts_full_and_partial_scripts() {
     ns.apply(&partial.script());
 
     // The kernel after the partial sync is what a fresh full sync of the new plans gives.
-    let reference = Scratch::new("ref");
+    let reference = Netns::new("nftr-ref");
     reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script());
     assert_eq!(ns.snapshot(), reference.snapshot());
 
     // A full sync that must delete stale objects, from a kernel holding the old plans.
-    let stale = Scratch::new("stale");
+    let stale = Netns::new("nftr-stale");
     stale.apply(&full.script());
     stale.apply(&render_full(&after, &settings(), &full.state.objects()).script());
     assert_eq!(stale.snapshot(), reference.snapshot());
@@ -425,9 +327,9 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     assert_eq!(pieces.concat(), full.commands);
     assert_eq!(transactions(&plans, &KernelObjects::default(), usize::MAX), vec![full.commands.clone()]);
 
-    let whole = Scratch::new("whole");
+    let whole = Netns::new("nftr-whole");
     whole.apply(&full.script());
-    let cut = Scratch::new("cut");
+    let cut = Netns::new("nftr-cut");
     for piece in &pieces {
         cut.apply(&script(piece));
     }
@@ -438,7 +340,7 @@ fn a_full_sync_cut_into_transactions_leaves_what_one_transaction_leaves() {
     for piece in transactions(&after, &full.state.objects(), 1) {
         cut.apply(&script(&piece));
     }
-    let reference = Scratch::new("cutref");
+    let reference = Netns::new("nftr-cutref");
     reference.apply(&render_full(&after, &settings(), &KernelObjects::default()).script());
     assert_eq!(cut.snapshot(), reference.snapshot());
 }
@@ -466,14 +368,14 @@ fn a_large_service_dnats_through_one_map_in_both_families() {
     assert!(maps[0].contains("dnat ip to") && maps[0].contains("39 : 10.244.9.39 . 8080"));
     assert!(maps[1].contains("dnat ip6 to"));
     assert!(!full.script().contains("numgen random mod 39 0"), "no cascade above the limit");
-    let ns = Scratch::new("bigmap");
+    let ns = Netns::new("nftr-bigmap");
     ns.check(&full.script());
     ns.apply(&full.script());
 }
 
 #[tokio::test]
 async fn proxier_syncs_reads_back_and_cleans_up_in_a_netns() {
-    let ns = Scratch::new("proxier");
+    let ns = Netns::new("nftr-proxier");
     // A foreign table that must survive our clean-up.
     ns.apply("add table inet foreign\nadd chain inet foreign c\nadd rule inet foreign c counter\n");
     let mut proxier = NftablesProxier::new(Runner::in_netns(&ns.0));
@@ -511,7 +413,7 @@ async fn proxier_syncs_reads_back_and_cleans_up_in_a_netns() {
 
 #[tokio::test]
 async fn a_refused_sync_is_reported_and_forces_a_full_one() {
-    let ns = Scratch::new("refused");
+    let ns = Netns::new("nftr-refused");
     let mut proxier = NftablesProxier::new(Runner::in_netns(&ns.0));
     proxier.sync(&plans_before(), &settings(), &Changes::Full).await.expect("full sync");
     // Someone deletes our table behind our back: the partial sync's `flush chain` fails.
