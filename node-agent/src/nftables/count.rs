@@ -10,7 +10,15 @@
 
 use rustix::net::{RecvFlags, SendFlags, netlink::SocketAddrNetlink};
 
-use super::render::{KernelObjects, Table};
+use super::{
+    netlink::{
+        AF_INET, AF_INET6, NFNL_SUBSYS_NFTABLES, NFT_SET_ANONYMOUS, NFT_SET_ELEM_INTERVAL_END, NFT_SET_MAP,
+        NFTA_CHAIN_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_LIST_ELEMENTS,
+        NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_FLAGS, NFTA_SET_NAME, NFTA_TABLE_NAME,
+        family_byte,
+    },
+    render::{KernelObjects, Table},
+};
 use crate::{
     dataplane::DataPlaneError,
     ipvs::{
@@ -20,27 +28,11 @@ use crate::{
     model::IpFamily,
 };
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
-const NFTA_CHAIN_TABLE: u16 = 1;
-const NFTA_CHAIN_NAME: u16 = 3;
-const NFTA_SET_NAME: u16 = 2;
-const NFTA_SET_FLAGS: u16 = 3;
-const NFT_SET_ANONYMOUS: u32 = 0x1;
-const NFT_SET_MAP: u32 = 0x8;
-const NFTA_TABLE_NAME: u16 = 1;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NFTA_RULE_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_SET_ELEM_FLAGS: u16 = 3;
-const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const ENOENT: i32 = 2;
 const RECV_BUFFER: usize = 1 << 20;
 const NETFILTER: rustix::net::Protocol = rustix::net::netlink::NETFILTER;
@@ -53,11 +45,7 @@ fn read_back_error(message: impl std::fmt::Display) -> DataPlaneError {
 /// `family` `None`: every family.
 pub fn dump_request(message: u16, family: Option<IpFamily>, seq: u32, attrs: &[(u16, &str)]) -> Vec<u8> {
     let mut out = vec![0u8; NLMSG_HDRLEN];
-    let af = match family {
-        Some(IpFamily::V4) => AF_INET,
-        Some(IpFamily::V6) => AF_INET6,
-        None => 0,
-    };
+    let af = family.map_or(0, family_byte);
     out.extend_from_slice(&[af, 0, 0, 0]);
     for (kind, value) in attrs {
         let payload_len = value.len() + 1;
