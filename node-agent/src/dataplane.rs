@@ -76,3 +76,19 @@ pub trait DataPlane: Send {
     /// Removes every kernel object of this mode that is ours, and nothing else.
     fn cleanup(&mut self) -> impl Future<Output = Result<(), DataPlaneError>> + Send;
 }
+
+/// Runs a kernel read-back of `what` on a thread of its own at the lowest priority: dumping a
+/// big node's rules takes the kernel a CPU-second, and syncs must not wait behind it.
+pub async fn read_back_idle<T: Send + 'static>(
+    what: String,
+    read: impl FnOnce() -> Result<T, DataPlaneError> + Send + 'static,
+) -> Result<T, DataPlaneError> {
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        if let Err(error) = rustix::process::setpriority_process(None, 19) {
+            tracing::debug!(%error, "cannot lower the read-back thread's priority");
+        }
+        let _ = done.send(read());
+    });
+    result.await.map_err(|e| DataPlaneError::ReadBack { what, message: e.to_string() })?
+}

@@ -25,7 +25,7 @@ pub use self::render::{
 };
 use self::ruleset::Command;
 use crate::{
-    dataplane::{Changes, DataPlane, DataPlaneError, SyncStats},
+    dataplane::{Changes, DataPlane, DataPlaneError, SyncStats, read_back_idle},
     exec::Runner,
     policy::{NodeSettings, ServicePlan},
 };
@@ -144,19 +144,7 @@ impl DataPlane for NftablesProxier {
 
     async fn rule_count(&self) -> Result<u64, DataPlaneError> {
         let netns = self.runner.netns().map(str::to_owned);
-        let (done, counted) = tokio::sync::oneshot::channel();
-        // A thread of its own at the lowest priority: dumping 100,000 rules takes the kernel a
-        // CPU-second at 10,000 services, and syncs must not wait behind it.
-        std::thread::spawn(move || {
-            if let Err(error) = rustix::process::setpriority_process(None, 19) {
-                tracing::debug!(%error, "cannot lower the read-back thread's priority");
-            }
-            let _ = done.send(count::count_rules(netns.as_deref()));
-        });
-        counted.await.map_err(|e| DataPlaneError::ReadBack {
-            what: "our nftables tables".into(),
-            message: e.to_string(),
-        })?
+        read_back_idle("our nftables tables".into(), move || count::count_rules(netns.as_deref())).await
     }
 
     async fn cleanup(&mut self) -> Result<(), DataPlaneError> {
