@@ -150,8 +150,11 @@ async fn cluster_ip_node_port_external_ip_and_load_balancer_ip() {
         assert!(outcome.answer().is_some_and(|a| pods.contains(a)), "{what} ({to}): {outcome:?}");
     }
 
-    // The count is read back from the kernel: every rule of ours, and the 11 jump rules.
+    // The count is read back from the kernel: every rule of ours, and the 11 jump rules. The
+    // agent counts with a fresh proxier, which has synced nothing.
     let count = env.proxier.rule_count().await.expect("rule count");
+    let fresh = IptablesProxier::new(Runner::in_netns(env.node().name()));
+    assert_eq!(fresh.rule_count().await.expect("fresh rule count"), count);
     let save = env.save(false) + &env.save(true);
     let ours = save
         .lines()

@@ -71,7 +71,7 @@ pub struct IptablesProxier {
     /// A sync failed: the next one must be full, whatever the caller says.
     needs_full: bool,
     warned_no_ipv6: bool,
-    /// Per family: whether its `iptables-restore` is the nf_tables one; asked once.
+    /// Per family: whether its `iptables-restore` is the nf_tables one; asked once per proxier.
     nf_tables: BTreeMap<IpFamily, bool>,
     /// Set by [`Self::force_split`].
     split_override: Option<Split>,
@@ -128,29 +128,33 @@ impl IptablesProxier {
         Ok(save::parse_table(&text, table))
     }
 
+    /// Whether `family`'s `iptables-restore` is the nf_tables one; `None` if it cannot be asked.
+    async fn is_nf_tables(&self, family: IpFamily) -> Option<bool> {
+        if let Some(&known) = self.nf_tables.get(&family) {
+            return Some(known);
+        }
+        match self.runner.run(tools(family).restore, &["--version"], None).await {
+            // "iptables-restore v1.8.9 (nf_tables)"; legacy says "(legacy)" or nothing.
+            Ok(version) => Some(version.contains("nf_tables")),
+            Err(e) => {
+                tracing::debug!(error = %e, "{} --version failed", tools(family).restore);
+                None
+            }
+        }
+    }
+
     /// How renders for `family` may be split: only the nf_tables backend gains from several
     /// transactions; with iptables-legacy each one rewrites the whole table.
     async fn split(&mut self, family: IpFamily) -> Split {
         if let Some(split) = self.split_override {
             return split;
         }
-        let nf_tables = match self.nf_tables.get(&family) {
-            Some(&known) => known,
-            None => match self.runner.run(tools(family).restore, &["--version"], None).await {
-                // "iptables-restore v1.8.9 (nf_tables)"; legacy says "(legacy)" or nothing.
-                Ok(version) => {
-                    let known = version.contains("nf_tables");
-                    self.nf_tables.insert(family, known);
-                    known
-                }
-                // Not remembered: a later sync asks again.
-                Err(e) => {
-                    tracing::debug!(error = %e, "{} --version failed", tools(family).restore);
-                    false
-                }
-            },
-        };
-        if nf_tables { Split::Auto } else { Split::Never }
+        // Not remembered when unknown: a later sync asks again.
+        let nf_tables = self.is_nf_tables(family).await;
+        if let Some(known) = nf_tables {
+            self.nf_tables.insert(family, known);
+        }
+        if nf_tables == Some(true) { Split::Auto } else { Split::Never }
     }
 
     /// Our rules of `family` in iptables-nft's tables, counted over netlink (`iptables-save` would
@@ -268,7 +272,7 @@ impl DataPlane for IptablesProxier {
     async fn rule_count(&self) -> Result<u64, DataPlaneError> {
         let mut count = 0;
         for &family in &self.families {
-            count += if self.nf_tables.get(&family) == Some(&true) {
+            count += if self.is_nf_tables(family).await == Some(true) {
                 self.count_over_netlink(family).await?
             } else {
                 let mut count = 0;
