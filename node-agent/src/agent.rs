@@ -24,7 +24,7 @@ use std::{
 };
 
 use fleetproxy_api::{ProxyMode, ProxyNode, ProxyNodeStatus, ProxySettings};
-use futures::{StreamExt, stream::BoxStream};
+use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::{
     api::{
         core::v1::{Node, Service},
@@ -201,16 +201,16 @@ impl Inputs {
         };
         let by_name = format!("metadata.name={}", args.node_name);
         let config = |labels: &str| {
-            let config = watcher::Config::default();
+            let config = watcher::Config::default().page_size(WATCH_PAGE_SIZE);
             if labels.is_empty() { config } else { config.labels(labels) }
         };
         Self {
-            services: watcher(Api::<Service>::all(client.clone()), config(&service_labels))
-                .default_backoff()
-                .boxed(),
-            slices: watcher(Api::<EndpointSlice>::all(client.clone()), config(&slice_labels))
-                .default_backoff()
-                .boxed(),
+            services: in_own_task(
+                watcher(Api::<Service>::all(client.clone()), config(&service_labels)).default_backoff(),
+            ),
+            slices: in_own_task(
+                watcher(Api::<EndpointSlice>::all(client.clone()), config(&slice_labels)).default_backoff(),
+            ),
             node: watcher(Api::<Node>::all(client.clone()), watcher::Config::default().fields(&by_name))
                 .default_backoff()
                 .boxed(),
@@ -223,6 +223,24 @@ impl Inputs {
             },
         }
     }
+}
+
+/// Events a watch may buffer ahead of the agent's loop. Small: a decoded object costs kilobytes,
+/// and the next page is fetched while the loop works through the one before anyway.
+const WATCH_BUFFER: usize = 256;
+
+/// Objects per page of a list. kube-runtime's default (500) makes 20 round trips per kind at
+/// 10,000 Services, each waiting for the one before.
+const WATCH_PAGE_SIZE: u32 = 1000;
+
+/// Polls `stream` in a task of its own: the Service and EndpointSlice lists are then fetched and
+/// decoded in parallel with each other and with the agent's loop, instead of one page at a time
+/// on the loop's task (at 10,000 Services, the cold start's listing took 1.9 s that way).
+fn in_own_task<T: Send + 'static>(stream: impl Stream<Item = T> + Send + 'static) -> BoxStream<'static, T> {
+    let (sender, receiver) = futures::channel::mpsc::channel(WATCH_BUFFER);
+    // Ends when the agent drops the receiver.
+    tokio::spawn(stream.map(Ok).forward(sender));
+    receiver.boxed()
 }
 
 /// The data plane whose rules are in the kernel, and the settings it was last synced with.
@@ -624,7 +642,9 @@ impl Agent {
         let mut next = Backend::new(target.mode, self.runner.clone());
         next.set_ipvs_scheduler(target.ipvs_scheduler);
         next.probe().await.map_err(|err| Failure::Unsupported(err.to_string()))?;
+        let planning = Instant::now();
         let plans = self.plans.update(self.tracker.model(), &target.node, None);
+        let planned = planning.elapsed();
         let stats = match next.sync(plans, &target.node, &Changes::Full).await {
             Ok(stats) => stats,
             Err(err) => {
@@ -658,7 +678,13 @@ impl Agent {
             let labels = vec![("from".to_owned(), old.to_string()), ("to".to_owned(), mode.to_string())];
             self.metrics.mode_switches.get_or_create(&labels).inc();
         } else {
-            info!(%mode, "first sync applied");
+            info!(
+                %mode,
+                plan_ms = planned.as_millis(),
+                render_ms = stats.render.as_millis(),
+                apply_ms = stats.apply.as_millis(),
+                "first sync applied"
+            );
         }
         Ok(stats)
     }
