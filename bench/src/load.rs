@@ -183,6 +183,67 @@ pub async fn wipe(client: &Client) -> Result<()> {
     bail!("the benchmark namespace still holds objects after 60s")
 }
 
+/// The load already in the API server (from an earlier run), if it is one this benchmark wrote
+/// and every Service has the same number of endpoints; otherwise it is wiped. Changes made from
+/// then on use addresses none of its slices holds.
+pub async fn adopt(client: &Client) -> Result<Model> {
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
+    let all = ListParams::default();
+    let mut by_service: std::collections::HashMap<String, Vec<SliceModel>> = Default::default();
+    for slice in slices.list(&all).await.context("listing EndpointSlices")?.items {
+        let labels = slice.metadata.labels.unwrap_or_default();
+        let (Some(service), Some(name)) = (labels.get("kubernetes.io/service-name"), slice.metadata.name)
+        else {
+            continue;
+        };
+        let ips = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .flat_map(|e| e.addresses.iter())
+            .filter_map(|a| a.parse::<Ipv4Addr>().ok().map(u32::from))
+            .collect();
+        by_service.entry(service.clone()).or_default().push(SliceModel { name, ips });
+    }
+    let mut model = Model::default();
+    let listed = services.list(&all).await.context("listing Services")?.items;
+    for service in &listed {
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let cluster_ip = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.as_deref())
+            .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        let mut slices = by_service.remove(&name).unwrap_or_default();
+        slices.sort_by_key(|s| s.name.split('-').next_back().and_then(|k| k.parse::<usize>().ok()));
+        model.services.push(ServiceModel { name, cluster_ip: cluster_ip.map_or(0, u32::from), slices });
+    }
+    model.services.sort_by_key(|s| s.name.strip_prefix("svc-").and_then(|i| i.parse::<usize>().ok()));
+    let endpoints = |s: &ServiceModel| s.slices.iter().map(|slice| slice.ips.len()).sum::<usize>();
+    model.endpoints = model.services.first().map_or(0, endpoints);
+    let usable = by_service.is_empty()
+        && model.services.iter().enumerate().all(|(i, s)| {
+            s.name == format!("svc-{i}") && s.cluster_ip != 0 && endpoints(s) == model.endpoints
+        });
+    if !usable {
+        wipe(client).await?;
+        return Ok(Model::default());
+    }
+    let last_change = model.expected().into_iter().filter(|ip| is_change_ip(*ip)).max();
+    if let Some(ip) = last_change {
+        NEXT_CHANGE.fetch_max(ip - CHANGE_BASE + 1, Ordering::Relaxed);
+    }
+    if !model.services.is_empty() {
+        eprintln!(
+            "bench: reusing the {} services of {} endpoints in the API server",
+            model.services.len(),
+            model.endpoints
+        );
+    }
+    Ok(model)
+}
+
 /// Brings the API server to `point`: adds or removes Services when only their number changes,
 /// starts over when the number of endpoints per Service changes.
 pub async fn reconcile(client: &Client, model: &mut Model, point: Point) -> Result<()> {

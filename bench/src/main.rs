@@ -202,8 +202,7 @@ async fn main() -> Result<()> {
     );
 
     load::prepare(&client, proxy::NODE_NAME, proxy::NODE_IP).await?;
-    load::wipe(&client).await?;
-    let mut model = Model::default();
+    let mut model = load::adopt(&client).await?;
     let mut results = report::Results::create(&out, args.cold_timeout_s)?;
     let per_run = args.changes.div_ceil(args.repeats.max(1));
     let mut seed = 0usize;
@@ -300,6 +299,7 @@ async fn run_one(
             run.sync_mean_ms = sync_seconds / syncs * 1000.0;
             run.cpu_total_s = running.cpu_seconds();
             run.rss_mib = running.peak_rss() as f64 / (1024.0 * 1024.0);
+            eprintln!("bench:   memory: {}", running.peak_rss_breakdown());
             running.stop()?;
             return Ok((run, Vec::new()));
         }
@@ -328,8 +328,9 @@ async fn run_one(
     run.sync_mean_ms = sync_seconds / syncs * 1000.0;
     run.cpu_total_s = running.cpu_seconds();
     run.rss_mib = running.peak_rss() as f64 / (1024.0 * 1024.0);
+    eprintln!("bench:   memory: {}", running.peak_rss_breakdown());
     running.stop()?;
-    run.floor_s = Some(proxy::kernel_floor(mode, &dump, &setup.logs, tag)?);
+    run.floor_s = Some(proxy::kernel_floor(mode, &dump, &setup.logs, tag, &expected)?);
     run.changes = phase.done.len() + phase.lost;
     run.by_dump = phase.done.iter().filter(|(_, source)| *source == Source::Dump).count();
     run.overruns = phase.overruns;
