@@ -225,8 +225,10 @@ impl Inputs {
     }
 }
 
-/// Events a watch may buffer ahead of the agent's loop. Small: a decoded object costs kilobytes,
-/// and the next page is fetched while the loop works through the one before anyway.
+/// Events a watch may buffer ahead of the agent's loop. Small: a decoded object costs kilobytes
+/// (at 10,000 × 10, 4,000 buffered and 2,000-object pages took the agent from 69 to 122 MiB; this
+/// and 1,000-object pages, to 96). The next page is fetched once the loop is this close to the end
+/// of the one before.
 const WATCH_BUFFER: usize = 256;
 
 /// Objects per page of a list. kube-runtime's default (500) makes 20 round trips per kind at
