@@ -436,7 +436,8 @@ pub fn attributes(mut bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, DecodeError> {
     Ok(out)
 }
 
-fn find<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
+/// The payload of the first attribute of `kind` in `attrs`.
+pub fn find<'a>(attrs: &[(u16, &'a [u8])], kind: u16) -> Option<&'a [u8]> {
     attrs.iter().find(|(k, _)| *k == kind).map(|(_, payload)| *payload)
 }
 

@@ -23,7 +23,7 @@ use super::{
 use crate::{
     dataplane::DataPlaneError,
     ipvs::{
-        netlink::{Message, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HDRLEN, attributes, parse_messages},
+        netlink::{Message, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_HDRLEN, attributes, find, parse_messages},
         open_netlink,
     },
     model::IpFamily,
@@ -235,7 +235,7 @@ pub fn count_rules(netns: Option<&str>) -> Result<u64, DataPlaneError> {
 
 /// The first attribute of `kind` in `bytes`.
 fn nested(bytes: &[u8], kind: u16) -> Result<Option<&[u8]>, String> {
-    Ok(attributes(bytes).map_err(|e| e.to_string())?.into_iter().find(|(k, _)| *k == kind).map(|(_, v)| v))
+    Ok(find(&attributes(bytes).map_err(|e| e.to_string())?, kind))
 }
 
 /// The chain an expression jumps or goes to: iptables-nft writes `-j CHAIN` as an immediate
@@ -252,7 +252,7 @@ fn jump_target(expression: &[u8]) -> Result<Option<&str>, String> {
 
 /// The chain a rule (a `NEWRULE` message's attributes after nfgenmsg) is in, and the chain it
 /// jumps or goes to, if any.
-pub fn rule_chains(attrs: &[u8]) -> Result<(Option<&str>, Option<&str>), String> {
+fn rule_chains(attrs: &[u8]) -> Result<(Option<&str>, Option<&str>), String> {
     let chain = nested(attrs, NFTA_RULE_CHAIN)?.and_then(string);
     let mut target = None;
     if let Some(expressions) = nested(attrs, NFTA_RULE_EXPRESSIONS)? {
